@@ -1,0 +1,50 @@
+# EdgeAD: two commands on a fresh machine.
+#   make demo   - set up everything, then run the end-to-end demo on the embedded synthetic data
+#   make test   - set up everything, build the kernels, lint, type-check and run the tests
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+BUILD  := build
+JOBS   ?= 2
+
+.PHONY: all venv kernels lint typecheck test test-gpu demo bench clean
+
+all: test
+
+$(STAMP): requirements-dev.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# CUDA library when nvcc is present (compiled for the architectures in CMakeLists.txt), host twin always.
+kernels:
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build $(BUILD) -j $(JOBS)
+
+lint: venv
+	$(VENV)/bin/ruff check sdk build_engines tests samples
+
+typecheck: venv
+	$(VENV)/bin/mypy sdk/edgead build_engines
+
+test: venv kernels lint typecheck
+	$(PY) -m pytest -q -m "not gpu"
+
+# On a machine with an NVIDIA GPU: the CUDA kernels against the NumPy reference.
+test-gpu: venv kernels
+	$(PY) -m pytest -q -m gpu
+
+demo: venv
+	$(VENV)/bin/edgead demo --out demo_out
+
+bench: venv
+	$(VENV)/bin/edgead bench demo_out/bundle --json bench_out/bench.json
+
+clean:
+	rm -rf $(BUILD) demo_out bench_out

@@ -1,0 +1,1 @@
+"""EdgeAD offline toolchain: models, distillation, training, calibration, export, engines, bundles."""

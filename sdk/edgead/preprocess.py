@@ -1,0 +1,103 @@
+"""Frame validation and preprocessing: the one definition shared by training and runtime.
+
+A frame is an HxW or HxWxC numpy array of uint8 or uint16 (BGR by default, the OpenCV
+convention). The pixel scale comes from the dtype (255 or 65535), never from the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from .errors import InputError, message
+from .registry import COLORS, check_choice
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "check_frame", "to_rgb", "prepare", "prepare_batch"]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+_CHANNELS = {"gray": 1, "bgr": 3, "rgb": 3, "bgra": 4, "rgba": 4}
+
+
+def check_frame(frame: object, color: str = "bgr") -> np.ndarray:
+    """Validate one frame and return it; raise InputError naming what is wrong.
+
+    >>> check_frame(np.zeros((4, 6, 3), np.uint8)).shape
+    (4, 6, 3)
+    """
+    color = check_choice("color", color, COLORS)
+    if not isinstance(frame, np.ndarray):
+        raise InputError(message("frame", type(frame).__name__, "a numpy.ndarray", "pass the image as a numpy array (cv2.imread gives one)"))
+    if frame.dtype not in _SCALE:
+        raise InputError(message("frame dtype", frame.dtype, "uint8 or uint16", "convert with frame.astype(np.uint8) after scaling to 0..255"))
+    if frame.ndim not in (2, 3):
+        raise InputError(message("frame shape", frame.shape, "HxW or HxWxC", "pass one image; use infer_batch for several"))
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise InputError(message("frame shape", frame.shape, "a non-empty image", "check the camera or file delivered pixels"))
+    channels = 1 if frame.ndim == 2 else frame.shape[2]
+    expected = _CHANNELS[color]
+    if channels != expected and not (color == "gray" and channels == 1):
+        raise InputError(
+            message("frame channels", f"{channels} (shape {frame.shape})", f"{expected} for color='{color}'", "pass the matching color= option (gray, bgr, rgb, bgra, rgba)")
+        )
+    if not frame.flags.c_contiguous:
+        raise InputError(message("frame memory layout", "a non-contiguous view", "a C-contiguous array", "pass np.ascontiguousarray(frame)"))
+    return frame
+
+
+def to_rgb(frame: np.ndarray, color: str = "bgr") -> np.ndarray:
+    """Convert a validated frame to HxWx3 RGB of the same dtype."""
+    color = check_choice("color", color, COLORS)
+    if frame.ndim == 2 or frame.shape[2] == 1:
+        gray = frame if frame.ndim == 2 else frame[:, :, 0]
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if color == "bgr":
+        return frame[:, :, ::-1]
+    if color == "bgra":
+        return frame[:, :, 2::-1]
+    if color == "rgba":
+        return frame[:, :, :3]
+    return frame
+
+
+def prepare(
+    frame: np.ndarray,
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    color: str = "bgr",
+) -> np.ndarray:
+    """Frame -> normalised float32 CHW tensor of the model's input size.
+
+    Resize (bilinear, cv2.INTER_LINEAR) happens on the original dtype, then the
+    dtype's full scale maps to [0, 1] and the per-channel mean/std are applied.
+
+    >>> prepare(np.full((10, 12), 128, np.uint8), 64, color="gray").shape
+    (3, 64, 64)
+    """
+    frame = check_frame(frame, color)
+    scale = _SCALE[frame.dtype]
+    rgb = np.ascontiguousarray(to_rgb(frame, color))
+    if rgb.shape[:2] != (image_size, image_size):
+        rgb = cv2.resize(rgb, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+    x = rgb.astype(np.float32) * np.float32(1.0 / scale)
+    x -= np.asarray(mean, np.float32)
+    x /= np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def prepare_batch(
+    frames: Sequence[np.ndarray],
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    color: str = "bgr",
+) -> np.ndarray:
+    """Several frames -> float32 NCHW batch (see :func:`prepare`)."""
+    if len(frames) == 0:
+        raise InputError(message("frames", "an empty sequence", "at least one frame", "pass a non-empty list of frames"))
+    return np.stack([prepare(f, image_size, mean, std, color) for f in frames])
