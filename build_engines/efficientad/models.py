@@ -11,11 +11,12 @@ whose maps are padded by 4 in post-processing.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from itertools import pairwise
 
+import torch
 from edgead.errors import ConfigError, message
 from edgead.registry import FAMILIES, check_choice
+from torch import nn
 
 __all__ = [
     "OUT_CHANNELS",
@@ -97,7 +98,7 @@ def autoencoder(out_channels: int = OUT_CHANNELS, padding: bool = False, image_s
     ups = [s // 64 - 1, s // 32, s // 16 - 1, s // 8, s // 4 - 1, s // 2 - 1]
     encoder: list[nn.Module] = []
     chans = [3, 32, 32, 64, 64, 64]
-    for cin, cout in zip(chans[:-1], chans[1:]):
+    for cin, cout in pairwise(chans):
         encoder += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.ReLU(inplace=True)]
     encoder.append(nn.Conv2d(64, 64, s // 32))
     decoder: list[nn.Module] = []
