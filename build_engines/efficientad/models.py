@@ -14,9 +14,10 @@ from __future__ import annotations
 from itertools import pairwise
 
 import torch
+from torch import nn
+
 from edgead.errors import ConfigError, message
 from edgead.registry import FAMILIES, check_choice
-from torch import nn
 
 __all__ = [
     "OUT_CHANNELS",
@@ -27,6 +28,7 @@ __all__ = [
     "feature_size",
     "check_image_size",
     "EfficientAD",
+    "conv_flops",
 ]
 
 OUT_CHANNELS = 384
@@ -152,3 +154,27 @@ class EfficientAD(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.normalised_teacher(x), self.student(x), self.autoencoder(x)
+
+
+def conv_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """Floating-point operations (2 per multiply-add) of the convolutions of one forward pass on ``x``.
+
+    >>> round(conv_flops(EfficientAD("s", 256).eval(), torch.zeros(1, 3, 256, 256)) / 1e9, 1)
+    75.9
+    """
+    total = 0
+
+    def hook(mod: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        assert isinstance(mod, nn.Conv2d)
+        k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        total += 2 * k * out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from edgead.errors import ConfigError
 
-from build_engines.efficientad.models import EfficientAD, autoencoder, feature_size, pdn_small
+from build_engines.efficientad.models import EfficientAD, autoencoder, conv_flops, feature_size, pdn_small
+from edgead.errors import ConfigError
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -22,24 +22,8 @@ def test_parameter_counts_match_the_paper() -> None:
     assert round(_params(m.teacher) / 1e6, 1) == 8.0
 
 
-def _conv_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    total = 0
-
-    def hook(mod: torch.nn.Conv2d, _inp: tuple[torch.Tensor], out: torch.Tensor) -> None:
-        nonlocal total
-        k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-        total += 2 * k * out.numel()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return total
-
-
 def test_s_inference_is_about_75_9_gflop_at_256() -> None:
-    flops = _conv_flops(EfficientAD("s", 256).eval(), torch.zeros(1, 3, 256, 256))
+    flops = conv_flops(EfficientAD("s", 256).eval(), torch.zeros(1, 3, 256, 256))
     assert flops / 1e9 == pytest.approx(75.9, abs=0.3)
 
 
