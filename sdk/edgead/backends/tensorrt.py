@@ -1,0 +1,344 @@
+"""TensorRT backend (TensorRT 10 Python API + cuda-python): runs a bundle's ``*.engine`` plan on an NVIDIA GPU.
+
+Flow: ``tensorrt.Runtime.deserialize_cuda_engine`` -> binding names/shapes checked against the manifest ->
+``create_execution_context`` -> per run: copy the batch into pinned memory, async copy to the device,
+``set_input_shape`` + ``set_tensor_address`` + ``execute_async_v3`` on the backend's own stream (optionally
+replayed as a CUDA graph per batch size), async copy back, one stream synchronise.
+
+With an engine of the ``raw`` variant the post-processing runs on the GPU through the CUDA build of
+``edgead.kernels.device_postprocess`` (CUDA build of the kernels); when that library is absent the
+Detector picks a ``merged`` engine instead and logs why.
+
+Status: this path cannot run on the development machines (no TensorRT, no GPU). Its pure logic
+(binding checks, profile/batch handling, engine choice, missing-dependency errors) is unit tested
+without TensorRT; the GPU path is to be validated on a machine with TensorRT 10.
+
+>>> det = Detector("bundle", backend="tensorrt")   # doctest: +SKIP
+>>> det.backend, det.precision                      # doctest: +SKIP
+('tensorrt', 'fp16')
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..bundle import VARIANT_OUTPUTS, Bundle, EngineEntry, Platform, rebuild_command
+from ..errors import BackendError, BundleError, MissingDependencyError, message
+from . import cuda
+from .base import Backend
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+__all__ = [
+    "import_tensorrt",
+    "tensorrt_status",
+    "current_platform",
+    "TensorInfo",
+    "check_bindings",
+    "batch_range",
+    "choose_engine",
+    "kernel_library",
+    "TensorRTBackend",
+]
+
+log = logging.getLogger(__name__)
+
+_PRECISION_ORDER = ("fp16", "int8", "fp32")
+_PP_DTYPE = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # EDGEAD_PP_FP32 / EDGEAD_PP_FP16
+
+
+def _dims(d: trt.Dims) -> tuple[int, ...]:
+    """A TensorRT Dims as a tuple of ints (-1 = dynamic)."""
+    return tuple(int(d[i]) for i in range(len(d)))
+
+
+def import_tensorrt() -> ModuleType:
+    """The real tensorrt module, or MissingDependencyError naming the ``tensorrt`` extra.
+
+    A type-stub-only install (``tensorrt-stubs``) imports as an empty namespace package; it is
+    treated as missing.
+    """
+    try:
+        import tensorrt as trt_mod
+    except ImportError as exc:
+        raise MissingDependencyError("tensorrt", "tensorrt", "TensorRT backend") from exc
+    if not hasattr(trt_mod, "Runtime"):
+        raise MissingDependencyError("tensorrt", "tensorrt", "TensorRT backend (only type stubs are installed)")
+    return trt_mod
+
+
+def tensorrt_status(device: int = 0) -> tuple[bool, str]:
+    """Whether the TensorRT backend can run here, and why not (for the Detector's one log line)."""
+    try:
+        trt_mod = import_tensorrt()
+    except MissingDependencyError:
+        return False, "TensorRT is not installed (pip install 'edgead[tensorrt]')"
+    try:
+        cuda.runtime()
+    except MissingDependencyError:
+        return False, "cuda-python is not installed (pip install 'edgead[tensorrt]')"
+    count = cuda.device_count()
+    if count == 0:
+        return False, "no usable NVIDIA GPU (CUDA reports no device)"
+    if not 0 <= device < count:
+        return False, f"GPU {device} does not exist ({count} present)"
+    return True, f"TensorRT {trt_mod.__version__} and {count} GPU(s) present"
+
+
+def current_platform(device: int = 0) -> Platform:
+    """The GPU (compute capability, name) and TensorRT version an engine must match here."""
+    trt_mod = import_tensorrt()
+    info = cuda.device_info(device)
+    return Platform(info.compute_capability, str(trt_mod.__version__), info.name)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One engine IO tensor: name, direction, shape (-1 = dynamic) and numpy dtype."""
+
+    name: str
+    is_input: bool
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+
+def check_bindings(io: Sequence[TensorInfo], input_name: str, input_shape: tuple[int, int, int], variant: str, engine_file: str, bundle: str) -> None:
+    """Check the engine's IO tensors against the manifest: one input ``input_name`` (N,C,H,W), the variant's outputs."""
+    fix = f"the plan does not belong to this bundle; rebuild it: {rebuild_command(bundle, variant)}"
+    inputs = [t for t in io if t.is_input]
+    outputs = [t for t in io if not t.is_input]
+    if [t.name for t in inputs] != [input_name]:
+        raise BundleError(message(f"engine '{engine_file}' inputs", [t.name for t in inputs], f"['{input_name}'] (manifest input.name)", fix))
+    shape = inputs[0].shape
+    if len(shape) != 4 or any(g != -1 and g != e for g, e in zip(shape[1:], input_shape, strict=True)):
+        raise BundleError(message(f"engine '{engine_file}' input shape", shape, f"(N, {', '.join(map(str, input_shape))})", fix))
+    expected = VARIANT_OUTPUTS[variant]
+    if sorted(t.name for t in outputs) != sorted(expected):
+        raise BundleError(message(f"engine '{engine_file}' outputs", [t.name for t in outputs], f"{list(expected)} for variant '{variant}'", fix))
+    for t in outputs:
+        if t.dtype not in _PP_DTYPE:
+            raise BundleError(message(f"engine '{engine_file}' output '{t.name}' dtype", t.dtype, "float32 or float16", fix))
+        if any(d == -1 for d in t.shape[1:]):
+            raise BundleError(message(f"engine '{engine_file}' output '{t.name}' shape", t.shape, "only the batch axis dynamic", fix))
+
+
+def batch_range(profile: Sequence[Sequence[int]], input_shape: tuple[int, int, int], engine_file: str, manifest_max_batch: int) -> tuple[int, int]:
+    """(min, max) batch of optimisation profile 0, given as [min_shape, opt_shape, max_shape]."""
+    if len(profile) != 3 or any(len(s) != 4 for s in profile):
+        raise BundleError(message(f"engine '{engine_file}' optimisation profile", [tuple(s) for s in profile], "min/opt/max NCHW shapes", "rebuild the engine with 'edgead build'"))
+    lo, _, hi = (tuple(int(v) for v in s) for s in profile)
+    for s in (lo, hi):
+        if s[1:] != input_shape:
+            raise BundleError(message(f"engine '{engine_file}' profile shape", s, f"(N, {', '.join(map(str, input_shape))})", "rebuild the engine with 'edgead build'"))
+    if not 1 <= lo[0] <= hi[0]:
+        raise BundleError(message(f"engine '{engine_file}' profile batch", (lo[0], hi[0]), "1 <= min <= max", "rebuild the engine with 'edgead build'"))
+    if hi[0] != manifest_max_batch:
+        raise BundleError(
+            message(f"engine '{engine_file}' max batch", f"{hi[0]} in the plan, {manifest_max_batch} in manifest.json", "the same value", "rebuild the engine with 'edgead build' (the manifest entry is stale)")
+        )
+    return lo[0], hi[0]
+
+
+def kernel_library() -> tuple[Any | None, str]:
+    """The CUDA post-processing library (``edgead.kernels.load_library('cuda')``) or None and why not."""
+    try:
+        from .. import kernels
+    except ImportError as exc:
+        return None, f"edgead.kernels is not importable ({exc})"
+    try:
+        lib = kernels.load_library("cuda")
+    except Exception as exc:  # noqa: BLE001 - any failure means: no device post-processing
+        return None, f"the CUDA post-processing library is not available ({exc})"
+    return lib, f"CUDA post-processing library {getattr(lib, 'path', '')} loaded"
+
+
+def choose_engine(
+    bundle: Bundle, platform: Platform, *, variant: str | None, precision: str | None, kernels_available: bool, allow_onnx_fallback: bool
+) -> tuple[EngineEntry | None, str]:
+    """Pick the plan to run: the requested variant/precision, else raw (with kernels) > merged > merged_int8, fp16 first.
+
+    Returns (None, reason) only when ``allow_onnx_fallback``; otherwise a missing match raises BundleError
+    with the exact ``edgead build`` command.
+    """
+    found = bundle.check_engines(platform, variant, allow_onnx_fallback=allow_onnx_fallback)
+    if precision is not None:
+        found = [e for e in found if e.precision == precision]
+        if not found:
+            cmd = rebuild_command(bundle.source or bundle.root, variant or "merged", precision)
+            text = message("TensorRT engine precision", f"no {precision} engine for this GPU", f"an engine with precision {precision}", f"run '{cmd}' or pass precision=None")
+            if not allow_onnx_fallback:
+                raise BundleError(text)
+            return None, text
+    if not found:
+        return None, "no engine for this GPU / TensorRT version (allow_onnx_fallback=True)"
+    order = (["raw"] if kernels_available else []) + ["merged", "merged_int8"] + ([] if kernels_available else ["raw"])
+    usable = [e for e in found if e.variant != "raw" or kernels_available]
+    if not usable:
+        text = "only a 'raw' engine matches and the CUDA post-processing library is not available"
+        if variant == "raw" or not allow_onnx_fallback:
+            raise BundleError(message("TensorRT engine", text, "a 'merged' engine or the CUDA kernels", f"run '{rebuild_command(bundle.source or bundle.root, 'merged', found[0].precision)}' or build the kernels (make kernels)"))
+        return None, text
+    usable.sort(key=lambda e: (order.index(e.variant), _PRECISION_ORDER.index(e.precision)))
+    best = usable[0]
+    why = f"engine {best.file} ({best.variant}, {best.precision})"
+    if not kernels_available and any(e.variant == "raw" for e in found):
+        why += "; a raw engine exists but the CUDA post-processing library is not available, so the merged variant is used"
+    return best, why
+
+
+class TensorRTBackend(Backend):
+    """One deserialised engine, its execution context, stream and buffers (sized for ``max_batch``).
+
+    Not runnable without TensorRT 10 + an NVIDIA GPU (see module docstring).
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, engine: EngineEntry, *, device: int = 0, kernels: Any | None = None, cuda_graph: bool = False) -> None:
+        import_tensorrt()
+        import tensorrt as trt
+
+        cuda.set_device(device)
+        manifest = bundle.manifest
+        size = manifest.input.image_size
+        input_shape = (3, size, size)
+        self._trt_logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._trt_logger)
+        plan = bundle.path(engine.file).read_bytes()
+        engine_obj = self._runtime.deserialize_cuda_engine(plan)
+        if engine_obj is None:
+            raise BundleError(
+                message(
+                    f"TensorRT engine '{engine.file}'",
+                    "TensorRT refused to deserialise the plan",
+                    f"a plan built by TensorRT {trt.__version__} for this GPU",
+                    f"run '{rebuild_command(bundle.source or bundle.root, engine.variant, engine.precision)}'",
+                )
+            )
+        self._engine: trt.ICudaEngine = engine_obj
+        io = [self._tensor_info(self._engine, self._engine.get_tensor_name(i)) for i in range(self._engine.num_io_tensors)]
+        check_bindings(io, manifest.input.name, input_shape, engine.variant, engine.file, str(bundle.source or bundle.root))
+        profile = self._engine.get_tensor_profile_shape(manifest.input.name, 0)
+        self.min_batch, max_batch = batch_range([_dims(s) for s in profile], input_shape, engine.file, engine.max_batch)
+        self._context: trt.IExecutionContext = self._engine.create_execution_context()
+        self._stream = cuda.Stream()
+        info = cuda.device_info(device)
+        self._kernels = kernels if engine.variant == "raw" else None
+        if engine.variant == "raw" and kernels is None:
+            raise BundleError(message("TensorRT raw engine", "no CUDA post-processing library", "edgead.kernels CUDA build", "use a merged engine or build the kernels (make kernels)"))
+        output_names = VARIANT_OUTPUTS["merged"] if engine.variant == "raw" else VARIANT_OUTPUTS[engine.variant]
+        super().__init__(
+            variant=engine.variant,
+            precision=engine.precision,
+            input_name=manifest.input.name,
+            input_shape=input_shape,
+            output_names=output_names,
+            max_batch=max_batch,
+            device=f"GPU {device} {info.name} (sm {info.compute_capability}) via TensorRT {trt.__version__}",
+        )
+        # buffers for the max batch: shapes from the context with the max input shape set
+        if not self._context.set_input_shape(self.input_name, (max_batch, *input_shape)):
+            raise BackendError(message("TensorRT set_input_shape", (max_batch, *input_shape), "a shape inside the profile", "rebuild the engine with 'edgead build'"))
+        self._io = {t.name: t for t in io}
+        self._host: dict[str, cuda.PinnedBuffer] = {}
+        self._dev: dict[str, cuda.DeviceBuffer] = {}
+        self._out_shapes: dict[str, tuple[int, ...]] = {}
+        for t in io:
+            shape = (max_batch, *input_shape) if t.is_input else _dims(self._context.get_tensor_shape(t.name))
+            self._out_shapes[t.name] = shape
+            self._dev[t.name] = cuda.DeviceBuffer(int(np.prod(shape)) * t.dtype.itemsize)
+            self._context.set_tensor_address(t.name, self._dev[t.name].ptr)
+            if t.is_input or self._kernels is None:
+                self._host[t.name] = cuda.PinnedBuffer(shape, t.dtype)
+        if self._kernels is not None:
+            _, c, h, w = self._out_shapes["teacher"]
+            p = manifest.post.pad
+            self._pp_shape = (h + 2 * p, w + 2 * p)
+            for name, shape in (("anomaly_map", (max_batch, 1, *self._pp_shape)), ("score", (max_batch,))):
+                self._dev[name] = cuda.DeviceBuffer(int(np.prod(shape)) * 4)
+                self._host[name] = cuda.PinnedBuffer(shape, "float32")
+        self._post = manifest.post
+        self._use_graph = cuda_graph
+        self._graphs: dict[int, Any] = {}
+        log.info("TensorRT backend ready: %s, batch %d..%d%s", engine.file, self.min_batch, max_batch, ", CUDA post-processing" if self._kernels is not None else "")
+
+    @staticmethod
+    def _tensor_info(engine: trt.ICudaEngine, name: str) -> TensorInfo:
+        import tensorrt as trt
+
+        mode = engine.get_tensor_mode(name)
+        dims = engine.get_tensor_shape(name)
+        return TensorInfo(name, mode == trt.TensorIOMode.INPUT, _dims(dims), np.dtype(trt.nptype(engine.get_tensor_dtype(name))))
+
+    def _enqueue(self, n: int) -> None:
+        if not self._context.execute_async_v3(self._stream.handle):
+            raise BackendError(message("TensorRT execute_async_v3", "failed", "success", "check the TensorRT log above; rebuild the engine with 'edgead build'"))
+        if self._kernels is not None:
+            t, s, a = (self._dev[k].ptr for k in ("teacher", "student", "autoencoder"))
+            _, c, h, w = self._out_shapes["teacher"]
+            post = self._post
+            from .. import kernels
+
+            kernels.device_postprocess(
+                t, s, a, dtype=_PP_DTYPE[self._io["teacher"].dtype], shape=(n, c, h, w), post=post,
+                map_out=self._dev["anomaly_map"].ptr, score_out=self._dev["score"].ptr, stream=self._stream.handle, library=self._kernels,
+            )
+
+    def _launch(self, n: int) -> None:
+        if not self._use_graph:
+            self._enqueue(n)
+            return
+        rt = cuda.runtime()
+        graph_exec = self._graphs.get(n)
+        if graph_exec is None:
+            self._enqueue(n)  # warm-up outside capture (TensorRT allocates lazily on the first run of a shape)
+            self._stream.synchronize()
+            cuda.check(rt.cudaStreamBeginCapture(self._stream.raw, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture")
+            self._enqueue(n)
+            graph = cuda.check(rt.cudaStreamEndCapture(self._stream.raw), "cudaStreamEndCapture")
+            graph_exec = cuda.check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            self._graphs[n] = graph_exec
+        cuda.check(rt.cudaGraphLaunch(graph_exec, self._stream.raw), "cudaGraphLaunch")
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        n = batch.shape[0]
+        if n < self.min_batch:
+            padded = np.zeros((self.min_batch, *batch.shape[1:]), np.float32)
+            padded[:n] = batch
+            return {k: v[:n] for k, v in self._run(padded).items()}
+        name = self.input_name
+        host_in = self._host[name]
+        host_in.array[:n] = batch.astype(host_in.array.dtype, copy=False)
+        cuda.copy_htod(self._dev[name], host_in, self._stream, n * int(np.prod(self.input_shape)) * host_in.array.itemsize)
+        if not self._context.set_input_shape(name, (n, *self.input_shape)):
+            raise BackendError(message("TensorRT batch", n, f"{self.min_batch}..{self.max_batch}", "use Detector.infer_batch, which splits batches"))
+        self._launch(n)
+        outputs: dict[str, np.ndarray] = {}
+        for out in self.output_names:
+            host = self._host[out]
+            per_item = int(np.prod(host.array.shape[1:])) * host.array.itemsize
+            cuda.copy_dtoh(host, self._dev[out], self._stream, n * per_item)
+        self._stream.synchronize()
+        for out in self.output_names:
+            outputs[out] = self._host[out].array[:n].astype(np.float32, copy=True)
+        return outputs
+
+    def _close(self) -> None:
+        rt = cuda.runtime()
+        for g in self._graphs.values():
+            rt.cudaGraphExecDestroy(g)
+        self._graphs.clear()
+        for buf in list(self._host.values()):
+            buf.close()
+        for dbuf in list(self._dev.values()):
+            dbuf.close()
+        self._stream.close()
+        del self._context
+        del self._engine

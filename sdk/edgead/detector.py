@@ -1,0 +1,287 @@
+"""``Detector``: load a bundle, pick a backend, turn frames into scores and anomaly maps.
+
+The runtime never imports torch. ``backend="auto"`` picks TensorRT when TensorRT, cuda-python and a
+GPU are present and the bundle has an engine for this GPU; otherwise ONNX Runtime. The choice and
+the reason are logged once (INFO) and visible as ``.backend``, ``.precision``, ``.variant``.
+
+Thread safety: one Detector may be shared by several threads. Pre- and post-processing run in the
+calling thread; the backend run is serialised by a lock (one session / one CUDA stream per Detector).
+For parallel inference on several cores, create one Detector per thread.
+
+>>> with Detector("bundle", backend="onnxruntime", threads=2) as det:   # doctest: +SKIP
+...     result = det.infer(cv2.imread("part.png"))
+...     print(result.decision, result.score, result.anomaly_map.shape)
+NG 0.83 (480, 640)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .backends.base import Backend
+from .backends.onnxruntime import OnnxRuntimeBackend
+from .bundle import Bundle, load_bundle
+from .errors import BackendError, ConfigError, InputError, message
+from .postprocess import efficientad_postprocess, image_scores
+from .preprocess import check_frame, prepare
+from .registry import BACKENDS, COLORS, PRECISIONS, check_choice
+from .result import Result
+
+__all__ = ["Detector", "resize_map"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_CHUNK = 16
+_ORT_VARIANT_ORDER = ("merged", "raw", "merged_int8")
+
+
+def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of one (h, w) float32 map with half-pixel centres (same as ``postprocess.resize_bilinear``).
+
+    >>> resize_map(np.ones((4, 4), np.float32), 8, 6).shape
+    (8, 6)
+    """
+    if anomaly_map.shape == (height, width):
+        return np.ascontiguousarray(anomaly_map, dtype=np.float32)
+    return cv2.resize(np.ascontiguousarray(anomaly_map, dtype=np.float32), (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+
+
+def _check_map_size(map_size: object) -> str | tuple[int, int]:
+    if map_size in ("frame", "model"):
+        return str(map_size)
+    if isinstance(map_size, (tuple, list)) and len(map_size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in map_size):
+        return (int(map_size[0]), int(map_size[1]))
+    raise ConfigError(message("map_size", repr(map_size), "'frame', 'model' or a (height, width) tuple of positive ints", "pass map_size='frame' (default)"))
+
+
+class Detector:
+    """Anomaly detector on one bundle.
+
+    Args:
+        bundle: bundle directory / ``.tar`` / ``manifest.json`` path, or a loaded :class:`edgead.bundle.Bundle`.
+        backend: ``"auto"``, ``"tensorrt"`` or ``"onnxruntime"``.
+        threshold: decision threshold on the image score (default: the bundle's calibrated one).
+        device: GPU index (TensorRT).
+        threads: ONNX Runtime intra-op threads (None: ONNX Runtime's default).
+        variant: bundle variant to run (None: merged when present, raw with the CUDA kernels on TensorRT).
+        precision: TensorRT engine precision to require (None: fp16 first); ``"int8"`` on ONNX Runtime
+            selects the ``merged_int8`` variant.
+        allow_onnx_fallback: with ``backend="tensorrt"``, run the ONNX model with ONNX Runtime (WARNING logged)
+            instead of refusing when no engine matches this GPU / TensorRT version.
+        cuda_graph: replay TensorRT runs as CUDA graphs (per batch size).
+
+    >>> det = Detector("bundle")                          # doctest: +SKIP
+    >>> det.backend, det.precision, det.variant           # doctest: +SKIP
+    ('onnxruntime', 'fp32', 'merged')
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path | Bundle,
+        backend: str = "auto",
+        threshold: float | None = None,
+        device: int = 0,
+        threads: int | None = None,
+        variant: str | None = None,
+        *,
+        precision: str | None = None,
+        allow_onnx_fallback: bool = False,
+        cuda_graph: bool = False,
+    ) -> None:
+        self._bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        manifest = self._bundle.manifest
+        requested = check_choice("backend", backend, BACKENDS)
+        if variant is not None:
+            variant = check_choice("variant", variant, manifest.variants)
+        if precision is not None:
+            precision = check_choice("precision", precision, PRECISIONS)
+        if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+            raise ConfigError(message("device", repr(device), "a GPU index >= 0", "pass device=0"))
+        self._threshold = self._check_threshold(manifest.threshold.value if threshold is None else threshold)
+        self._post = manifest.post
+        self._lock = threading.Lock()
+        self._backend, why = self._pick_backend(requested, device, threads, variant, precision, allow_onnx_fallback, cuda_graph)
+        log.info(
+            "edgead Detector: backend=%s precision=%s variant=%s device=%s; %s",
+            self._backend.name,
+            self._backend.precision,
+            self._backend.variant,
+            self._backend.device,
+            why,
+        )
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _check_threshold(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            raise ConfigError(message("threshold", repr(value), "a finite number", "pass threshold=None to use the bundle's calibrated threshold"))
+        return float(value)
+
+    def _ort_variant(self, variant: str | None, precision: str | None) -> str:
+        variants = self._bundle.manifest.variants
+        if precision == "int8":
+            if "merged_int8" not in variants:
+                raise ConfigError(message("precision", "'int8' on ONNX Runtime", "a bundle with the merged_int8 variant", "re-export with 'edgead export RUN --int8', or pass precision=None"))
+            return "merged_int8"
+        if precision == "fp16":
+            raise ConfigError(message("precision", "'fp16' on ONNX Runtime", "fp32 or int8 (fp16 is a TensorRT engine precision)", "pass backend='tensorrt' or precision=None"))
+        if variant is not None:
+            return variant
+        return next(v for v in _ORT_VARIANT_ORDER if v in variants)
+
+    def _pick_backend(
+        self, requested: str, device: int, threads: int | None, variant: str | None, precision: str | None, allow_fallback: bool, cuda_graph: bool
+    ) -> tuple[Backend, str]:
+        from .backends import tensorrt as trt_backend
+
+        bundle = self._bundle
+        if requested == "onnxruntime":
+            return OnnxRuntimeBackend(bundle, self._ort_variant(variant, precision), threads=threads), "backend='onnxruntime' requested"
+        ok, status = trt_backend.tensorrt_status(device)
+        if requested == "tensorrt" and not ok:
+            raise BackendError(message("backend 'tensorrt'", status, "TensorRT 10, cuda-python and an NVIDIA GPU", "install 'edgead[tensorrt]' on a GPU machine, or pass backend='onnxruntime'"))
+        if not ok:
+            return OnnxRuntimeBackend(bundle, self._ort_variant(variant, precision), threads=threads), f"auto: ONNX Runtime because {status}"
+        if requested == "auto" and not bundle.manifest.engines:
+            text = f"auto: ONNX Runtime because the bundle has no TensorRT engine (build one: edgead build {bundle.source or bundle.root} --variant merged --precision fp16)"
+            return OnnxRuntimeBackend(bundle, self._ort_variant(variant, precision), threads=threads), text
+        platform = trt_backend.current_platform(device)
+        lib, kernel_why = trt_backend.kernel_library()
+        # auto never refuses for lack of an engine: it runs ONNX Runtime and says why (with the build command)
+        fallback = allow_fallback or requested == "auto"
+        engine, why = trt_backend.choose_engine(bundle, platform, variant=variant, precision=precision, kernels_available=lib is not None, allow_onnx_fallback=fallback)
+        if engine is None:
+            return OnnxRuntimeBackend(bundle, self._ort_variant(variant, None if precision == "fp16" else precision), threads=threads), f"{requested}: ONNX Runtime because {why}"
+        backend = trt_backend.TensorRTBackend(bundle, engine, device=device, kernels=lib if engine.variant == "raw" else None, cuda_graph=cuda_graph)
+        return backend, f"{requested}: TensorRT with {why}; kernels: {kernel_why}"
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def backend(self) -> str:
+        """``"tensorrt"`` or ``"onnxruntime"``: what actually runs."""
+        return self._backend.name
+
+    @property
+    def precision(self) -> str:
+        return self._backend.precision
+
+    @property
+    def variant(self) -> str:
+        return self._backend.variant
+
+    @property
+    def device(self) -> str:
+        return self._backend.device
+
+    @property
+    def image_size(self) -> int:
+        return self._bundle.manifest.input.image_size
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._bundle
+
+    @property
+    def max_batch(self) -> int:
+        """Frames per backend run in ``infer_batch`` (the engine's max batch on TensorRT)."""
+        return self._backend.max_batch or _DEFAULT_CHUNK
+
+    # ------------------------------------------------------------------ inference
+    def infer(self, frame: np.ndarray, color: str = "bgr", map_size: str | tuple[int, int] = "frame") -> Result:
+        """Score one frame (HxW or HxWxC uint8/uint16; ``color`` says the channel order).
+
+        >>> det.infer(np.zeros((480, 640, 3), np.uint8)).anomaly_map.shape  # doctest: +SKIP
+        (480, 640)
+        """
+        return self._infer_chunk([frame], color, _check_map_size(map_size))[0]
+
+    def infer_batch(self, frames: Sequence[np.ndarray], color: str = "bgr", map_size: str | tuple[int, int] = "frame") -> list[Result]:
+        """Score several frames (any sizes), run in chunks of at most ``max_batch`` frames.
+
+        >>> [r.decision for r in det.infer_batch([f1, f2])]  # doctest: +SKIP
+        ['OK', 'NG']
+        """
+        if isinstance(frames, np.ndarray) and frames.ndim == 4:
+            frames = list(frames)
+        if not isinstance(frames, Sequence) or isinstance(frames, (str, bytes)):
+            raise InputError(message("frames", type(frames).__name__, "a list of frames", "pass a list of numpy arrays (use infer for one frame)"))
+        if len(frames) == 0:
+            raise InputError(message("frames", "an empty sequence", "at least one frame", "pass a non-empty list of frames"))
+        size = _check_map_size(map_size)
+        color = check_choice("color", color, COLORS)
+        results: list[Result] = []
+        step = self.max_batch
+        for i in range(0, len(frames), step):
+            results += self._infer_chunk(list(frames[i : i + step]), color, size)
+        return results
+
+    def _infer_chunk(self, frames: list[np.ndarray], color: str, map_size: str | tuple[int, int]) -> list[Result]:
+        t0 = time.perf_counter()
+        spec = self._bundle.manifest.input
+        shapes = [check_frame(f, color).shape[:2] for f in frames]
+        batch = np.stack([prepare(f, spec.image_size, spec.mean, spec.std, color) for f in frames])
+        t1 = time.perf_counter()
+        with self._lock:
+            outputs, infer_ms = self._backend.timed_run(batch)
+        t2 = time.perf_counter()
+        maps, scores = self._maps_and_scores(outputs, len(frames))
+        results = []
+        pre_ms = (t1 - t0) * 1e3
+        n = len(frames)
+        resized = []
+        for m, shape in zip(maps, shapes, strict=True):
+            if isinstance(map_size, tuple):
+                h, w = map_size
+            elif map_size == "model":
+                h = w = spec.image_size
+            else:
+                h, w = int(shape[0]), int(shape[1])
+            resized.append(resize_map(m, h, w))
+        t3 = time.perf_counter()
+        post_ms = (t3 - t2) * 1e3
+        total_ms = (t3 - t0) * 1e3
+        lock_wait_ms = max(0.0, (t2 - t1) * 1e3 - infer_ms)
+        timings = {"preprocess": pre_ms / n, "inference": infer_ms / n, "postprocess": post_ms / n, "total": total_ms / n, "queue": lock_wait_ms / n}
+        for m, s in zip(resized, scores, strict=True):
+            score = float(s)
+            results.append(Result(score, m, score > self._threshold, self._threshold, dict(timings)))
+        return results
+
+    def _maps_and_scores(self, outputs: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+        if "anomaly_map" in outputs:
+            amap = np.asarray(outputs["anomaly_map"], np.float32)
+            score = np.asarray(outputs["score"], np.float32).reshape(-1)
+            if amap.ndim != 4 or amap.shape[:2] != (n, 1) or score.shape != (n,):
+                raise BackendError(
+                    message("model outputs", f"anomaly_map {amap.shape}, score {score.shape}", f"anomaly_map (N={n}, 1, h, w), score ({n},)", "re-export the bundle with 'edgead export'")
+                )
+            return amap[:, 0], score
+        maps, _ = efficientad_postprocess(outputs["teacher"], outputs["student"], outputs["autoencoder"], self._post)
+        return maps, image_scores(maps)
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Release the backend (sessions, CUDA streams and buffers); idempotent."""
+        with self._lock:
+            self._backend.close()
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Detector {self._backend.describe()} image_size={self.image_size} threshold={self._threshold:.4g}>"

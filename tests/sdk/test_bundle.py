@@ -1,0 +1,267 @@
+"""Bundle format: round trip, atomic writes, and one test per refusal (each checks the fix is in the message)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tiny_bundle as tb
+
+from edgead.bundle import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    EngineEntry,
+    Manifest,
+    Platform,
+    add_engine,
+    load_bundle,
+    sha256_file,
+    write_bundle,
+)
+from edgead.errors import BundleError, EdgeADError
+
+H100 = Platform("9.0", "10.13.0.35", "NVIDIA H100 80GB HBM3")
+
+
+def engine_meta(file: str = "merged_fp16_sm90_trt10.13.0.engine", **kw: Any) -> EngineEntry:
+    base = dict(file=file, variant="merged", precision="fp16", tensorrt_version="10.13.0", compute_capability="9.0",
+                device_name="NVIDIA H100 80GB HBM3", max_batch=8, built_at="2026-11-23T10:00:00Z")
+    base.update(kw)
+    return EngineEntry(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def bundle(tmp_path: Path) -> Path:
+    return tb.make_bundle(tmp_path / "bundle")
+
+
+def edit_manifest(bundle: Path, fn: Any) -> None:
+    path = bundle / MANIFEST
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def refused(path: Path, *fragments: str, **kw: Any) -> str:
+    with pytest.raises(BundleError) as info:
+        load_bundle(path, **kw)
+    text = str(info.value)
+    assert "how to fix" in text
+    for f in fragments:
+        assert f in text, f"{f!r} not in {text!r}"
+    return text
+
+
+# ------------------------------------------------------------------ success paths
+def test_round_trip_and_hashes(bundle: Path) -> None:
+    b = load_bundle(bundle)
+    m = b.manifest
+    assert m.schema_version == SCHEMA_VERSION and m.family == "efficientad" and m.input.image_size == tb.IMAGE_SIZE
+    assert sorted(m.files) == ["model_merged.onnx", "model_raw.onnx"]
+    for name, entry in m.files.items():
+        assert entry.sha256 == sha256_file(bundle / name)
+        assert entry.bytes == (bundle / name).stat().st_size
+    assert Manifest.from_dict(m.to_dict()) == m
+    assert m.post.pad == tb.PAD and m.post.st.qa == tb.Q["qa_st"]
+    assert b.onnx_path("raw") == bundle / "model_raw.onnx"
+    assert load_bundle(bundle / MANIFEST).manifest == m  # the manifest path works too
+
+
+def test_write_is_atomic_and_refuses_non_empty(tmp_path: Path, bundle: Path) -> None:
+    leftovers = [p.name for p in bundle.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    with pytest.raises(BundleError, match="overwrite=True"):
+        tb.make_bundle(bundle)
+    # overwrite replaces the whole directory (stale files disappear)
+    (bundle / "stale.txt").write_text("x")
+    src = tmp_path / "bundle_src"
+    write_bundle(bundle, tb.manifest(("raw",)), {"model_raw.onnx": src / "model_raw.onnx"}, overwrite=True)
+    assert sorted(p.name for p in bundle.iterdir()) == [MANIFEST, "model_raw.onnx"]
+    assert list(load_bundle(bundle).manifest.variants) == ["raw"]
+
+
+def test_write_refuses_missing_variant_file(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="pass files="):
+        write_bundle(tmp_path / "b", tb.manifest(), {})
+    assert not (tmp_path / "b").exists()
+
+
+def test_add_engine_and_platform_checks(tmp_path: Path, bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
+    plan = tmp_path / "plan.engine"
+    plan.write_bytes(b"\x00plan-bytes" * 10)
+    add_engine(bundle, plan, engine_meta())
+    b = load_bundle(bundle, platform=H100)
+    assert [e.file for e in b.engines_for(H100)] == ["merged_fp16_sm90_trt10.13.0.engine"]
+    assert b.manifest.files["merged_fp16_sm90_trt10.13.0.engine"].sha256 == sha256_file(plan)
+    # replacing the same file name keeps one entry
+    add_engine(bundle, plan, engine_meta(max_batch=4))
+    assert [e.max_batch for e in load_bundle(bundle).manifest.engines] == [4]
+
+    other_gpu = Platform("8.7", "10.13.0", "Orin")
+    text = refused(bundle, f"edgead build {bundle} --variant merged --precision fp16", "sm 8.7", platform=other_gpu)
+    assert "allow_onnx_fallback=True" in text
+    refused(bundle, "TensorRT 10.3.0", "edgead build", platform=Platform("9.0", "10.3.0", "H100"))
+    with caplog.at_level(logging.WARNING, logger="edgead.bundle"):
+        b = load_bundle(bundle, platform=other_gpu, allow_onnx_fallback=True)
+    assert b.engines_for(other_gpu) == []
+    assert any("allow_onnx_fallback=True" in r.getMessage() for r in caplog.records)
+
+
+def test_add_engine_refusals(tmp_path: Path, bundle: Path) -> None:
+    with pytest.raises(BundleError, match="check the build step"):
+        add_engine(bundle, tmp_path / "missing.engine", engine_meta())
+    plan = tmp_path / "p.engine"
+    plan.write_bytes(b"x")
+    write_bundle(tmp_path / "only_raw", tb.manifest(("raw",)), {"model_raw.onnx": tmp_path / "bundle_src" / "model_raw.onnx"})
+    with pytest.raises(BundleError, match="build from a variant the bundle has"):
+        add_engine(tmp_path / "only_raw", plan, engine_meta())
+
+
+def test_tar_archive(tmp_path: Path, bundle: Path) -> None:
+    archive = tmp_path / "bundle.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(bundle, arcname="bundle")
+    b = load_bundle(archive)
+    assert b.archive == archive and b.manifest == load_bundle(bundle).manifest
+    assert (b.root / "model_merged.onnx").is_file()
+
+
+def test_tar_with_escaping_member_is_refused(tmp_path: Path, bundle: Path) -> None:
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(bundle / MANIFEST, arcname="../manifest.json")
+    refused(archive, "re-create the archive")
+
+
+# ------------------------------------------------------------------ refusals at load
+def test_missing_path(tmp_path: Path) -> None:
+    refused(tmp_path / "nope", "does not exist", "edgead export")
+
+
+def test_missing_manifest(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    refused(tmp_path / "empty", "no manifest.json", "holding manifest.json")
+
+
+def test_unparsable_manifest(bundle: Path) -> None:
+    (bundle / MANIFEST).write_text("{not json")
+    refused(bundle, "unparsable JSON", "edgead export")
+
+
+def test_newer_schema_says_upgrade(bundle: Path) -> None:
+    edit_manifest(bundle, lambda d: d.update(schema_version=SCHEMA_VERSION + 1))
+    refused(bundle, "upgrade edgead", "pip install --upgrade edgead")
+
+
+@pytest.mark.parametrize("version", [0, "1", None])
+def test_invalid_schema(bundle: Path, version: object) -> None:
+    edit_manifest(bundle, lambda d: d.update(schema_version=version))
+    refused(bundle, "schema_version", "re-export")
+
+
+def test_unknown_family(bundle: Path) -> None:
+    edit_manifest(bundle, lambda d: d.update(family="patchcore"))
+    refused(bundle, "'patchcore'", "upgrade")
+
+
+def test_planned_family(bundle: Path) -> None:
+    edit_manifest(bundle, lambda d: d.update(family="uniad", size="base"))
+    refused(bundle, "planned", "upgrade edgead")
+
+
+def test_missing_file(bundle: Path) -> None:
+    (bundle / "model_raw.onnx").unlink()
+    refused(bundle, "'model_raw.onnx'", "missing", "copy the complete bundle")
+
+
+def test_altered_file(bundle: Path) -> None:
+    with open(bundle / "model_merged.onnx", "ab") as f:
+        f.write(b"\x00")
+    refused(bundle, "altered", "copy the bundle again")
+
+
+def test_same_size_altered_file(bundle: Path) -> None:
+    data = bytearray((bundle / "model_raw.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (bundle / "model_raw.onnx").write_bytes(bytes(data))
+    refused(bundle, "altered")
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.onnx", "sub/model.onnx", ".."])
+def test_path_escaping_manifest_entry(bundle: Path, name: str) -> None:
+    def evil(d: dict[str, Any]) -> None:
+        d["variants"]["raw"]["file"] = name
+        d["files"][name] = d["files"].pop("model_raw.onnx")
+
+    edit_manifest(bundle, evil)
+    refused(bundle, "plain file name inside the bundle", "tampered")
+
+
+def test_symlink_outside_bundle(tmp_path: Path, bundle: Path) -> None:
+    outside = tmp_path / "outside.onnx"
+    shutil.move(bundle / "model_raw.onnx", outside)
+    os.symlink(outside, bundle / "model_raw.onnx")
+    refused(bundle, "a link resolving to", "replace the link with the real file")
+
+
+def test_engine_not_listed_in_files(bundle: Path) -> None:
+    edit_manifest(bundle, lambda d: d["engines"].append(engine_meta().to_dict()))
+    refused(bundle, "engines[].file", "edgead build")
+
+
+# ------------------------------------------------------------------ field validation
+def _good() -> dict[str, Any]:
+    return tb.manifest().to_dict()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda d: d["input"].update(mean=[0.5, 0.5]), "input.mean"),
+        (lambda d: d["input"].update(std=[0.2, 0.0, 0.2]), "input.std"),
+        (lambda d: d["input"].update(color="bgr"), "input.color"),
+        (lambda d: d["input"].update(pixel_scale="max"), "input.pixel_scale"),
+        (lambda d: d["input"].update(image_size=0), "input.image_size"),
+        (lambda d: d["postprocess"].update(qb_st=0.0), "qb > qa"),
+        (lambda d: d["postprocess"].update(qa_ae=float("nan")), "postprocess.qa_ae"),
+        (lambda d: d["postprocess"].update(weights=[0.3, 0.7]), "postprocess.weights"),
+        (lambda d: d["postprocess"].update(pad=-1), "postprocess.pad"),
+        (lambda d: d["threshold"].update(value="high"), "threshold.value"),
+        (lambda d: d.pop("threshold"), "missing key"),
+        (lambda d: d.update(extra=1), "unknown key"),
+        (lambda d: d.update(size="xl"), "size"),
+        (lambda d: d.update(variants={}), "variants"),
+        (lambda d: d["variants"].update(fancy={"file": "f.onnx"}), "'fancy'"),
+        (lambda d: d["files"].update({"a.onnx": {"sha256": "xyz", "bytes": 1}}), "sha256"),
+        (lambda d: d.update(engines=[{**engine_meta().to_dict(), "precision": "fp8"}]), "precision"),
+        (lambda d: d.update(engines=[{**engine_meta().to_dict(), "compute_capability": "sm90"}]), "compute_capability"),
+        (lambda d: d.update(engines=[{**engine_meta().to_dict(), "max_batch": 0}]), "max_batch"),
+        (lambda d: d.update(engines=[{**engine_meta().to_dict(), "file": "plan.bin"}]), ".engine"),
+        (lambda d: d["producer"].update(opset="17"), "producer.opset"),
+    ],
+)
+def test_manifest_field_errors(mutate: Any, fragment: str) -> None:
+    d = _good()
+    mutate(d)
+    with pytest.raises(BundleError) as info:
+        Manifest.from_dict(d)
+    assert fragment in str(info.value) and "how to fix" in str(info.value)
+
+
+def test_engine_entry_validates_on_construction() -> None:
+    with pytest.raises(BundleError, match="tensorrt_version"):
+        engine_meta(tensorrt_version="ten")
+    assert isinstance(BundleError("x"), EdgeADError)
+
+
+def test_manifest_example_is_valid() -> None:
+    m = Manifest.example()
+    assert Manifest.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+    assert dataclasses.replace(m, size="m").size == "m"
