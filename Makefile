@@ -18,6 +18,8 @@ $(STAMP): requirements-dev.txt setup.py
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	# GigE Vision (edgead[camera]) when the system libs are there (scripts/ci_camera_setup.sh installs them)
+	if pkg-config --exists gobject-introspection-1.0 cairo 2>/dev/null; then $(PY) -m pip install -q "PyGObject<3.51"; fi
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,8 +32,10 @@ kernels:
 lint: venv
 	$(VENV)/bin/ruff check sdk build_engines tests samples
 
+# TensorRT cannot be installed here: its calls are checked against tensorrt-stubs (see scripts/trt_stubs.py).
 typecheck: venv
-	$(VENV)/bin/mypy sdk/edgead build_engines
+	$(PY) scripts/trt_stubs.py $(BUILD)/typestubs
+	MYPYPATH=$(BUILD)/typestubs $(VENV)/bin/mypy sdk/edgead build_engines/trt_build.py
 
 test: venv kernels lint typecheck
 	$(PY) -m pytest -q -m "not gpu"
