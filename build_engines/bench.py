@@ -1,0 +1,335 @@
+"""Latency / throughput benchmark of a bundle through ``edgead.Detector``, with its context.
+
+Measured in one run, on the same machine state:
+
+- latency at batch 1: p50 / p90 / p99 over ``runs`` calls after ``warmup``, end to end from a
+  uint8 BGR frame to a ``Result`` (``Detector.infer``), plus the stage breakdown from ``Result.timings``;
+- throughput at ``batch`` frames per ``Detector.infer_batch`` call (images/s);
+- the PyTorch eager FP32 model with the same weights (``--torch-baseline RUN_DIR``), same threads;
+- a float32 GEMM (2048^3) as the machine's practical compute ceiling, set against the model's
+  achieved GFLOP/s (FLOPs counted from the ONNX graph's Conv / MatMul nodes).
+
+    edgead bench BUNDLE [--backend auto|onnxruntime|tensorrt] [--variant V] [--precision P]
+                        [--runs 100] [--warmup 10] [--batch 16] [--threads N]
+                        [--torch-baseline RUN_DIR] [--json OUT]
+
+>>> report = run_bench("demo_out/bundle", runs=100, batch=16, threads=2)  # doctest: +SKIP
+>>> report["latency_ms"]["p50"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgead.errors import ConfigError, message
+from edgead.registry import BACKENDS, check_choice
+
+__all__ = ["percentiles", "count_flops", "gemm_gflops", "synthetic_frame", "machine_info", "run_bench", "format_report", "main"]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("preprocess", "inference", "postprocess", "total")
+
+
+def percentiles(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
+    """p50 / p90 / p99 / mean / min / max of a list of milliseconds.
+
+    >>> percentiles([1.0, 2.0, 3.0])["p50"]
+    2.0
+    """
+    a = np.asarray(samples_ms, np.float64)
+    if a.size == 0:
+        raise ConfigError(message("samples", "an empty list", "at least one timing", "run at least one iteration"))
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
+
+
+def count_flops(onnx_path: str | Path, image_size: int | None = None) -> dict[str, float]:
+    """FLOPs per image of the Conv / MatMul / Gemm nodes of an ONNX graph (2 x multiply-adds).
+
+    Tensor shapes come from running the graph once on a zero image with ONNX Runtime (exact even
+    where static shape inference gives up, e.g. after a Resize with computed sizes).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(onnx_path))
+    inp = model.graph.input[0]
+    dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    side = image_size or dims[-1]
+    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    wanted = {name for n in nodes for name in [*n.input[:2], n.output[0]] if name}
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    existing = {o.name for o in model.graph.output}
+    for name in sorted(wanted - set(inits) - existing - {inp.name}):
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    values = dict(zip(names, sess.run(names, {inp.name: np.zeros((1, 3, side, side), np.float32)}), strict=True))
+    shapes = {k: tuple(v.shape) for k, v in values.items()}
+    shapes.update(inits)
+    shapes[inp.name] = (1, 3, side, side)
+
+    def weight_shape(name: str) -> tuple[int, ...]:
+        if name in shapes:
+            return shapes[name]
+        # QDQ graphs: the weight reaches the Conv through DequantizeLinear(initializer)
+        producer = next((n for n in model.graph.node if name in n.output), None)
+        if producer is not None and producer.input:
+            return weight_shape(producer.input[0])
+        raise ConfigError(message("FLOP count", f"unknown shape of '{name}'", "a graph exported by edgead export", "re-export the bundle"))
+
+    conv = matmul = 0.0
+    for n in nodes:
+        out = shapes[n.output[0]]
+        if n.op_type == "Conv":
+            w = weight_shape(n.input[1])  # (Cout, Cin/groups, kh, kw)
+            conv += 2.0 * float(np.prod(out)) * float(np.prod(w[1:]))
+        else:
+            a = shapes.get(n.input[0]) or weight_shape(n.input[0])
+            k = a[-1]
+            matmul += 2.0 * float(np.prod(out)) * float(k)
+    return {"conv_flops": conv, "matmul_flops": matmul, "total_flops": conv + matmul, "image_size": float(side)}
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 5, threads: int | None = None) -> dict[str, Any]:
+    """Best-of-``repeats`` float32 GEMM rate (GFLOP/s) with torch when importable (thread count set), else numpy."""
+    a_np = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b_np = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    fn: Callable[[], object]
+    try:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        a, b = torch.from_numpy(a_np), torch.from_numpy(b_np)
+        fn, engine = (lambda: torch.mm(a, b)), f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    except ImportError:
+        fn, engine = (lambda: a_np @ b_np), f"numpy {np.__version__} (BLAS threads from the environment)"
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"n": n, "engine": engine, "best_s": best, "gflops": 2.0 * n**3 / best / 1e9, "median_gflops": 2.0 * n**3 / float(np.median(times)) / 1e9}
+
+
+def synthetic_frame(size: int, seed: int = 0) -> np.ndarray:
+    """A deterministic textured uint8 BGR frame (the benchmark does not depend on real data)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = 120 + 50 * np.sin(12 * xx) * np.cos(9 * yy)
+    img = base[:, :, None] + rng.normal(0, 8, (size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU / OS / load / library versions, for the JSON report."""
+    import importlib.metadata as md
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("edgead", "numpy", "onnxruntime", "onnx", "torch", "tensorrt", "opencv-python-headless"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ},
+    }
+
+
+def _progress(it: range, desc: str) -> Any:
+    """tqdm progress bar on stderr when available (long CPU runs), else the plain iterable."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return it
+    return tqdm(it, desc=desc, unit="run", leave=False, mininterval=2.0)
+
+
+def _check_positive(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(message(name, repr(value), f"an integer >= {minimum}", f"pass --{name.replace('_', '-')} {max(minimum, 1)} or more"))
+    return value
+
+
+def _torch_baseline(run_dir: Path, frame: np.ndarray, runs: int, warmup: int, batch: int, batch_runs: int, threads: int | None) -> dict[str, Any]:
+    """PyTorch eager FP32, same weights, same preprocessing and NumPy post-processing, same threads."""
+    import torch
+
+    from build_engines.efficientad.run import load_run
+    from edgead.postprocess import efficientad_postprocess
+    from edgead.preprocess import prepare
+
+    if threads:
+        torch.set_num_threads(threads)
+    run = load_run(run_dir)
+    model, post, size = run.model.eval(), run.post, run.model.image_size
+
+    def once(frames: list[np.ndarray]) -> None:
+        x = torch.from_numpy(np.stack([prepare(f, size) for f in frames]))
+        with torch.inference_mode():
+            t, s, a = model(x)
+        efficientad_postprocess(t.numpy(), s.numpy(), a.numpy(), post)
+
+    for _ in range(warmup):
+        once([frame])
+    lat = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        once([frame])
+        lat.append((time.perf_counter() - t0) * 1e3)
+    frames = [frame] * batch
+    once(frames)
+    t0 = time.perf_counter()
+    for _ in range(batch_runs):
+        once(frames)
+    ips = batch * batch_runs / (time.perf_counter() - t0)
+    return {"run_dir": str(run_dir), "torch": torch.__version__, "threads": torch.get_num_threads(), "latency_ms": percentiles(lat), "throughput_ips": ips}
+
+
+def run_bench(
+    bundle: str | Path,
+    *,
+    backend: str = "auto",
+    variant: str | None = None,
+    precision: str | None = None,
+    runs: int = 100,
+    warmup: int = 10,
+    batch: int = 16,
+    batch_runs: int = 3,
+    threads: int | None = None,
+    torch_baseline: str | Path | None = None,
+    torch_runs: int | None = None,
+    gemm: bool = True,
+) -> dict[str, Any]:
+    """Benchmark one bundle; return the report as a JSON-ready dict (see module docstring)."""
+    from edgead import Detector
+
+    backend = check_choice("backend", backend, BACKENDS)
+    runs, batch, batch_runs = _check_positive("runs", runs), _check_positive("batch", batch), _check_positive("batch_runs", batch_runs)
+    warmup = _check_positive("warmup", warmup, 0)
+    if threads is not None:
+        _check_positive("threads", threads)
+    report: dict[str, Any] = {"machine": machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with Detector(bundle, backend=backend, variant=variant, precision=precision, threads=threads) as det:
+        size = det.image_size
+        frame = synthetic_frame(size)
+        report["config"] = {
+            "bundle": str(bundle), "backend": det.backend, "precision": det.precision, "variant": det.variant, "device": det.device,
+            "image_size": size, "frame": list(frame.shape), "runs": runs, "warmup": warmup, "batch": batch, "batch_runs": batch_runs, "threads": threads,
+        }
+        log.info("bench %s: %s %s %s, %d runs after %d warm-up", bundle, det.backend, det.variant, det.precision, runs, warmup)
+        for _ in range(warmup):
+            det.infer(frame)
+        lat: list[float] = []
+        stages: dict[str, list[float]] = {k: [] for k in STAGES}
+        for _ in _progress(range(runs), "latency b=1"):
+            t0 = time.perf_counter()
+            result = det.infer(frame)
+            lat.append((time.perf_counter() - t0) * 1e3)
+            for k in STAGES:
+                stages[k].append(result.timings.get(k, float("nan")))
+        report["latency_ms"] = percentiles(lat)
+        report["stages_ms_p50"] = {k: float(np.nanmedian(v)) for k, v in stages.items()}
+        frames = [synthetic_frame(size, seed=i) for i in range(batch)]
+        det.infer_batch(frames)
+        t0 = time.perf_counter()
+        for _ in range(batch_runs):
+            det.infer_batch(frames)
+        report["throughput_ips"] = batch * batch_runs / (time.perf_counter() - t0)
+        onnx_path = det.bundle.onnx_path(det.variant)
+    flops = count_flops(onnx_path, size)
+    report["model_flops"] = flops
+    report["achieved_gflops"] = flops["total_flops"] * report["throughput_ips"] / 1e9
+    if torch_baseline is not None:
+        try:
+            report["torch_baseline"] = _torch_baseline(Path(torch_baseline), frame, torch_runs or min(runs, 20), min(warmup, 2), batch, batch_runs, threads)
+            report["speedup_vs_torch"] = {
+                "latency_p50": report["torch_baseline"]["latency_ms"]["p50"] / report["latency_ms"]["p50"],
+                "throughput": report["throughput_ips"] / report["torch_baseline"]["throughput_ips"],
+            }
+        except ImportError as exc:
+            report["torch_baseline"] = {"skipped": f"torch not importable: {exc}"}
+    if gemm:
+        report["gemm"] = gemm_gflops(threads=threads)
+        report["fraction_of_gemm"] = report["achieved_gflops"] / report["gemm"]["gflops"]
+    report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """A short human-readable summary of ``run_bench``'s report."""
+    c, lat = r["config"], r["latency_ms"]
+    lines = [
+        f"{c['backend']} {c['variant']} {c['precision']} @ {c['image_size']}px on {c['device']}",
+        f"  latency b=1 (ms): p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  (n={lat['n']})",
+        "  stages p50 (ms): " + "  ".join(f"{k} {v:.2f}" for k, v in r["stages_ms_p50"].items()),
+        f"  throughput b={c['batch']}: {r['throughput_ips']:.2f} images/s; model {r['model_flops']['total_flops'] / 1e9:.1f} GFLOP/img -> {r['achieved_gflops']:.1f} GFLOP/s",
+    ]
+    if "gemm" in r:
+        lines.append(f"  GEMM {r['gemm']['n']}^3: {r['gemm']['gflops']:.1f} GFLOP/s ({r['gemm']['engine']}); model at {100 * r['fraction_of_gemm']:.0f}% of it")
+    tb = r.get("torch_baseline")
+    if tb and "latency_ms" in tb:
+        lines.append(f"  torch eager FP32: p50 {tb['latency_ms']['p50']:.2f} ms, {tb['throughput_ips']:.2f} images/s -> speed-up x{r['speedup_vs_torch']['throughput']:.2f} (throughput)")
+    lines.append(f"  load average: start {r['machine']['load_average']}, end {r['machine'].get('load_average_end')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``edgead bench BUNDLE [...] [--json OUT]``."""
+    parser = argparse.ArgumentParser(prog="edgead bench", description="latency / throughput benchmark of a bundle (JSON output)")
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--backend", default="auto", help="auto (default), onnxruntime or tensorrt")
+    parser.add_argument("--variant", default=None, help="merged, raw or merged_int8 (default: the Detector's choice)")
+    parser.add_argument("--precision", default=None, help="fp32, fp16 or int8 (default: the Detector's choice)")
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch-runs", type=int, default=3, help="infer_batch calls timed for throughput")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime / torch / GEMM")
+    parser.add_argument("--torch-baseline", type=Path, default=None, help="run dir of the same model: PyTorch eager FP32 baseline")
+    parser.add_argument("--torch-runs", type=int, default=None, help="batch-1 runs of the torch baseline (default: min(runs, 20))")
+    parser.add_argument("--no-gemm", action="store_true", help="skip the GEMM ceiling measurement")
+    parser.add_argument("--json", type=Path, default=None, help="write the full report here")
+    args = parser.parse_args(argv)
+    report = run_bench(
+        args.bundle, backend=args.backend, variant=args.variant, precision=args.precision, runs=args.runs, warmup=args.warmup, batch=args.batch,
+        batch_runs=args.batch_runs, threads=args.threads, torch_baseline=args.torch_baseline, torch_runs=args.torch_runs, gemm=not args.no_gemm,
+    )
+    print(format_report(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"report: {args.json}")
+    return 0

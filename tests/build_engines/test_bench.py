@@ -1,0 +1,109 @@
+"""Benchmark: report structure, percentiles, FLOP count vs an independent count, torch baseline, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from build_engines.bench import count_flops, gemm_gflops, main, percentiles, run_bench
+from build_engines.efficientad.models import EfficientAD
+from build_engines.efficientad.run import Calibration, save_calibration, save_model
+from build_engines.export import export_bundle
+from edgead.errors import ConfigError
+from edgead.postprocess import EfficientADPost, QuantileAffine
+
+SIZE = 128
+POST = EfficientADPost(QuantileAffine(0.8, 2.5), QuantileAffine(0.3, 1.1), pad=4)
+
+
+@pytest.fixture(scope="module")
+def run_and_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bench")
+    run = root / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    save_model(EfficientAD("s", SIZE).eval(), run)
+    save_calibration(Calibration(0.8, 2.5, 0.3, 1.1, 0.5, "hand-set", 0), run)
+    (run / "config.json").write_text(json.dumps({"image_size": SIZE}))
+    return run, export_bundle(run, root / "bundle", variants=("merged",))
+
+
+def _conv_flops_torch(model: torch.nn.Module, size: int) -> float:
+    total = 0.0
+
+    def hook(mod: torch.nn.Conv2d, _i: object, out: torch.Tensor) -> None:
+        nonlocal total
+        total += 2.0 * out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in handles:
+        h.remove()
+    return total
+
+
+def test_percentiles() -> None:
+    p = percentiles(list(range(1, 101)))
+    assert p["p50"] == pytest.approx(50.5) and p["p90"] == pytest.approx(90.1) and p["p99"] == pytest.approx(99.01)
+    assert p["n"] == 100 and p["min"] == 1 and p["max"] == 100
+    with pytest.raises(ConfigError):
+        percentiles([])
+
+
+def test_flop_count_matches_torch_hooks(run_and_bundle: tuple[Path, Path]) -> None:
+    _, bundle = run_and_bundle
+    torch.manual_seed(0)
+    ref = _conv_flops_torch(EfficientAD("s", SIZE).eval(), SIZE)
+    got = count_flops(bundle / "model_merged.onnx")
+    assert got["conv_flops"] == pytest.approx(ref, rel=1e-9)
+    assert got["matmul_flops"] == 0
+
+
+def test_flops_at_256_match_the_documented_figure(tmp_path: Path) -> None:
+    # FACTS.md: EfficientAD-S at 256x256 is 75.9 GFLOP per image (teacher + student + AE)
+    torch.manual_seed(0)
+    ref = _conv_flops_torch(EfficientAD("s", 256).eval(), 256)
+    assert ref / 1e9 == pytest.approx(75.9, abs=0.1)
+
+
+def test_gemm_rate_is_positive_and_consistent() -> None:
+    g = gemm_gflops(n=256, repeats=2, threads=1)
+    assert g["gflops"] > 0.1 and g["gflops"] >= g["median_gflops"] * 0.999
+    assert g["best_s"] * g["gflops"] * 1e9 == pytest.approx(2 * 256**3)
+
+
+def test_run_bench_report(run_and_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    run, bundle = run_and_bundle
+    out = tmp_path / "bench.json"
+    assert main([str(bundle), "--backend", "onnxruntime", "--runs", "5", "--warmup", "1", "--batch", "2", "--batch-runs", "1", "--threads", "1",
+                 "--torch-baseline", str(run), "--torch-runs", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    lat = r["latency_ms"]
+    assert lat["n"] == 5 and lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert r["config"]["backend"] == "onnxruntime" and r["config"]["variant"] == "merged" and r["config"]["batch"] == 2
+    st = r["stages_ms_p50"]
+    assert all(st[k] > 0 for k in ("preprocess", "inference", "postprocess"))
+    assert st["inference"] <= st["total"] <= lat["p50"] * 3
+    assert r["throughput_ips"] > 0 and r["achieved_gflops"] == pytest.approx(r["model_flops"]["total_flops"] * r["throughput_ips"] / 1e9)
+    assert r["torch_baseline"]["latency_ms"]["n"] == 2 and r["speedup_vs_torch"]["throughput"] > 0
+    assert r["gemm"]["gflops"] > 0 and 0 < r["fraction_of_gemm"]
+    assert r["machine"]["versions"]["onnxruntime"]
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [({"runs": 0}, "runs"), ({"batch": -1}, "batch"), ({"warmup": -1}, "warmup"), ({"backend": "cuda"}, "backend"), ({"threads": 0}, "threads")])
+def test_run_bench_refuses_bad_arguments(run_and_bundle: tuple[Path, Path], kwargs: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        run_bench(run_and_bundle[1], gemm=False, **kwargs)  # type: ignore[arg-type]
+
+
+def test_synthetic_frame_is_deterministic_uint8() -> None:
+    from build_engines.bench import synthetic_frame
+
+    a, b = synthetic_frame(64), synthetic_frame(64)
+    assert a.dtype == np.uint8 and a.shape == (64, 64, 3) and np.array_equal(a, b)

@@ -1,0 +1,144 @@
+"""INT8 (QDQ) quantisation: graph form (TensorRT-valid), closeness to FP32, bundle entry, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from build_engines.efficientad.models import EfficientAD
+from build_engines.efficientad.run import Calibration, save_calibration, save_model
+from build_engines.export import export_bundle
+from build_engines.onnx_ops import unsupported_ops
+from build_engines.quantize import calibration_images, quantize_merged
+from build_engines.synthetic import make_image
+from edgead.errors import ConfigError, DataError
+from edgead.preprocess import prepare_batch
+
+ort = pytest.importorskip("onnxruntime")
+SIZE = 128
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("q")
+    good = root / "good"
+    good.mkdir()
+    for i in range(8):
+        cv2.imwrite(str(good / f"{i:03d}.png"), make_image(i, SIZE)[0])
+    torch.manual_seed(0)
+    model = EfficientAD("s", SIZE).eval()
+    x = torch.from_numpy(prepare_batch([make_image(i, SIZE)[0] for i in range(4)], SIZE))
+    with torch.no_grad():  # teacher statistics as training would set them
+        t = model.teacher(x)
+        model.teacher_mean.copy_(t.mean(dim=(0, 2, 3), keepdim=True))
+        model.teacher_std.copy_(t.std(dim=(0, 2, 3), keepdim=True))
+    run = root / "run"
+    run.mkdir()
+    save_model(model, run)
+    save_calibration(Calibration(0.5, 2.0, 0.3, 1.5, 0.5, "hand-set", 0), run)
+    (run / "config.json").write_text(json.dumps({"image_size": SIZE, "data": str(root / "nowhere")}))
+    bundle = export_bundle(run, root / "bundle", variants=("merged",), int8_calibration=good, int8_images=8)
+    return {"good": good, "run": run, "bundle": bundle}
+
+
+def test_bundle_has_int8_variant_for_onnxruntime(setup: dict[str, Path]) -> None:
+    from edgead.bundle import load_bundle
+
+    b = load_bundle(setup["bundle"])
+    assert set(b.manifest.variants) == {"merged", "merged_int8"}
+    model = onnx.load(str(b.onnx_path("merged_int8")))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Conv") == 22 and ops.count("QuantizeLinear") >= 22
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    act_zp = {inits[n.input[2]].dtype for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    assert act_zp == {np.dtype(np.uint8)}  # U8 activations: ONNX Runtime fuses every conv on x86
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.optimized_model_filepath = str(setup["bundle"].parent / "opt.onnx")
+    ort.InferenceSession(str(b.onnx_path("merged_int8")), opts, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert fused.count("QLinearConv") == 22 and "Conv" not in fused
+
+
+def test_tensorrt_target_is_symmetric_qdq(setup: dict[str, Path], tmp_path: Path) -> None:
+    from build_engines.trt_build import check_int8_graph
+
+    path = quantize_merged(setup["bundle"] / "model_merged.onnx", tmp_path / "trt_int8.onnx", setup["good"], SIZE, max_images=2, method="minmax", target="tensorrt")
+    assert check_int8_graph(path) > 0
+    model = onnx.load(str(path))
+    ops = [n.op_type for n in model.graph.node]
+    n_conv = ops.count("Conv")
+    assert n_conv == 22 and ops.count("QuantizeLinear") >= n_conv and ops.count("DequantizeLinear") >= 2 * n_conv
+    zero_points = {n.input[2] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2}
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert zero_points and all(np.all(inits[z] == 0) and inits[z].dtype == np.int8 for z in zero_points)  # TensorRT needs zero points of 0
+    assert unsupported_ops(model) == []
+    # the post-processing tail stays float: no QDQ around the squared differences / max
+    reduce_inputs = {i for n in model.graph.node if n.op_type in ("ReduceMean", "ReduceMax") for i in n.input}
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert all(producers.get(i) != "DequantizeLinear" for i in reduce_inputs)
+
+
+def test_int8_scores_track_fp32(setup: dict[str, Path]) -> None:
+    from scipy.stats import spearmanr
+
+    frames = [make_image(100 + i, SIZE)[0] for i in range(4)] + [make_image(200 + i, SIZE, defect=d)[0] for i, d in enumerate(["scratch", "spot", "crack", "scratch"])]
+    x = prepare_batch(frames, SIZE)
+    f32 = _session(setup["bundle"] / "model_merged.onnx").run(None, {"image": x})
+    i8 = _session(setup["bundle"] / "model_merged_int8.onnx").run(None, {"image": x})
+    maps32, maps8 = f32[0][:, 0], i8[0][:, 0]
+    assert not np.array_equal(maps32, maps8)  # really quantised
+    per_image = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(maps32, maps8, strict=True)]
+    assert min(per_image) > 0.9, per_image
+    assert spearmanr(f32[1], i8[1])[0] > 0.8
+
+
+def test_detector_runs_the_int8_variant(setup: dict[str, Path]) -> None:
+    from edgead import Detector
+
+    with Detector(setup["bundle"], backend="onnxruntime", precision="int8", threads=1) as det:
+        assert det.variant == "merged_int8" and det.precision == "int8"
+        r = det.infer(make_image(5, SIZE)[0])
+        assert r.anomaly_map.shape == (SIZE, SIZE) and np.isfinite(r.score)
+
+
+def test_calibration_images_subset_is_reproducible(setup: dict[str, Path]) -> None:
+    a = calibration_images(setup["good"], 3)
+    assert len(a) == 3 and a == calibration_images(setup["good"], 3)
+    assert len(calibration_images(setup["good"], 100)) == 8
+
+
+def test_calibration_errors(tmp_path: Path, setup: dict[str, Path]) -> None:
+    with pytest.raises(DataError, match="folder"):
+        calibration_images(tmp_path / "missing")
+    with pytest.raises(DataError, match="no .png"):
+        calibration_images(tmp_path)
+    with pytest.raises(ConfigError, match="max_images"):
+        calibration_images(setup["good"], 0)
+    with pytest.raises(ConfigError, match="calibration method"):
+        quantize_merged(setup["bundle"] / "model_merged.onnx", tmp_path / "q.onnx", setup["good"], SIZE, method="kl")
+    with pytest.raises(DataError, match="INT8 calibration images"):
+        export_bundle(setup["run"], tmp_path / "b", variants=("merged",), int8_calibration="train")
+
+
+def test_compare_auroc_on_a_generated_set(setup: dict[str, Path], tmp_path: Path) -> None:
+    from build_engines.quantize import compare_auroc
+    from build_engines.synthetic import generate
+
+    data = generate(tmp_path / "data", n_train=1, n_test_good=3, n_test_defect=3, size=SIZE, seed=0)
+    r = compare_auroc(setup["bundle"], data, threads=1)
+    assert r["n"] >= 6 and 0.0 <= r["fp32"] <= 1.0 and 0.0 <= r["int8"] <= 1.0
+    assert r["delta_points"] == pytest.approx(100 * (r["int8"] - r["fp32"]))
