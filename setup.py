@@ -27,7 +27,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"edgead": "sdk/edgead", "build_engines": "build_engines"},
     packages=["edgead"] + ["edgead." + p for p in find_packages("sdk/edgead")] + ["build_engines"] + ["build_engines." + p for p in find_packages("build_engines")],
-    package_data={"build_engines": ["weights/*.pth", "weights/*.md"]},
+    package_data={"build_engines": ["weights/*.pth", "weights/*.json", "weights/*.md"]},
     install_requires=RUNTIME,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["edgead=edgead.cli:main"]},
