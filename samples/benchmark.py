@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.runs < 1 or args.warmup < 0 or args.batch < 1:
+        parser.error("--runs and --batch must be >= 1, --warmup >= 0")
 
     with edgead.Detector(args.bundle, backend=args.backend, threads=args.threads) as det:
         print(f"backend={det.backend} precision={det.precision} variant={det.variant} device={det.device}")

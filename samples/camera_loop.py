@@ -28,13 +28,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import cv2
 import numpy as np
 
+from edgead import Result
 from edgead.errors import ConfigError, EdgeADError, message
 from edgead.sources import PIXEL_FORMATS, QUEUE_POLICIES, TRIGGER_MODES, Acquisition, Frame, FrameQueue, FrameSource, open_source
 
@@ -42,19 +42,6 @@ log = logging.getLogger("camera_loop")
 
 
 # ----------------------------------------------------------------------------- detector stand-in
-@dataclass
-class DryRunResult:
-    score: float
-    anomaly_map: np.ndarray
-    is_anomalous: bool
-    threshold: float
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def decision(self) -> str:
-        return "NG" if self.is_anomalous else "OK"
-
-
 class DryRunDetector:
     """No model: score = mean brightness (0..1). For testing the camera path without a bundle."""
 
@@ -63,13 +50,13 @@ class DryRunDetector:
     def __init__(self, threshold: float = 0.5) -> None:
         self.threshold = threshold
 
-    def infer(self, frame: np.ndarray, color: str = "bgr") -> DryRunResult:
+    def infer(self, frame: np.ndarray, color: str = "bgr") -> Result:
         t0 = time.perf_counter()
         scale = 65535.0 if frame.dtype == np.uint16 else 255.0
         gray = frame if frame.ndim == 2 else frame.mean(axis=2)
         amap = (gray / scale).astype(np.float32)
         score = float(amap.mean())
-        return DryRunResult(score, amap, score > self.threshold, self.threshold, {"total": (time.perf_counter() - t0) * 1e3})
+        return Result(score, amap, score > self.threshold, self.threshold, {"total": (time.perf_counter() - t0) * 1e3})
 
     def close(self) -> None:
         pass
@@ -210,17 +197,22 @@ class Stopper:
 def run(args: argparse.Namespace, stopper: Stopper | None = None) -> dict[str, Any]:
     """The loop itself; returns the summary dict (also written with --summary)."""
     stopper = stopper or Stopper()
-    source = build_source(args)
-    detector = build_detector(args)
+    source = build_source(args)  # opened by the acquisition thread, not here
     policy = args.policy or ("newest" if source.is_live else "block")
     queue = FrameQueue(args.queue_size, policy)
     writer = NGWriter(Path(args.ng_dir), int(args.ng_budget_mb * 2**20)) if args.ng_dir else None
-    out: TextIO = sys.stdout if args.jsonl == "-" else open(args.jsonl, "a", buffering=1)  # noqa: SIM115
     if args.preview:
         try:
             cv2.namedWindow("edgead", cv2.WINDOW_NORMAL)
         except cv2.error as exc:
             raise ConfigError(message("--preview", "OpenCV without GUI support", "an OpenCV build with highgui", "pip install opencv-python (not -headless) or drop --preview")) from exc
+    # the detector last: every check above fails before it holds a session or GPU memory
+    detector = build_detector(args)
+    try:
+        out: TextIO = sys.stdout if args.jsonl == "-" else open(args.jsonl, "a", buffering=1)  # noqa: SIM115
+    except BaseException:
+        detector.close()
+        raise
     events: list[dict[str, Any]] = []
 
     def on_event(kind: str, text: str) -> None:

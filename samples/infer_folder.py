@@ -16,9 +16,7 @@ import cv2
 import numpy as np
 
 import edgead
-from edgead.datasets import read_image
-
-SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+from edgead.datasets import IMAGE_EXTENSIONS, read_image
 
 
 def overlay(frame: np.ndarray, anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
@@ -41,9 +39,9 @@ def main() -> None:
     parser.add_argument("--no-overlays", action="store_true")
     args = parser.parse_args()
 
-    files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in SUFFIXES)
+    files = sorted(p for p in args.images.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise SystemExit(f"no images ({', '.join(sorted(SUFFIXES))}) under {args.images}")
+        raise SystemExit(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {args.images}")
     (args.out / "overlays").mkdir(parents=True, exist_ok=True)
     n_bad = 0
     with edgead.Detector(args.bundle, backend=args.backend, threshold=args.threshold) as det, open(args.out / "scores.csv", "w", newline="") as fh:

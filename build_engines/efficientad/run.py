@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
 from edgead.errors import DataError, message
 from edgead.postprocess import EfficientADPost, QuantileAffine
 

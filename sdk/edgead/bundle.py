@@ -185,7 +185,7 @@ class VariantSpec:
     def from_dict(cls, d: object, name: str) -> VariantSpec:
         d = _obj(d, f"variants.{name}")
         _keys(d, f"variants.{name}", ("file",), ("outputs",))
-        if "outputs" in d and list(d["outputs"]) != list(VARIANT_OUTPUTS[name]):
+        if "outputs" in d and not (isinstance(d["outputs"], (list, tuple)) and list(d["outputs"]) == list(VARIANT_OUTPUTS[name])):
             raise _err(f"variants.{name}.outputs", d["outputs"], f"{list(VARIANT_OUTPUTS[name])}")
         return cls(_file_name(d["file"], f"variants.{name}.file"))
 
@@ -213,7 +213,7 @@ class PostprocessSpec:
         d = _obj(d, "postprocess")
         _keys(d, "postprocess", ("qa_st", "qb_st", "qa_ae", "qb_ae", "pad"), ("weights",))
         w = d.get("weights", [0.5, 0.5])
-        if not isinstance(w, (list, tuple)) or [float(x) for x in w] != [0.5, 0.5]:
+        if not isinstance(w, (list, tuple)) or [_float(x, "postprocess.weights") for x in w] != [0.5, 0.5]:
             raise _err("postprocess.weights", repr(w), "[0.5, 0.5] (the EfficientAD merge this release implements)")
         qa_st, qb_st, qa_ae, qb_ae = (_float(d[k], f"postprocess.{k}") for k in ("qa_st", "qb_st", "qa_ae", "qb_ae"))
         spec = cls(qa_st, qb_st, qa_ae, qb_ae, _int(d["pad"], "postprocess.pad"))
@@ -498,8 +498,14 @@ def write_bundle(out_dir: str | Path, manifest: Manifest, files: Mapping[str, st
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BundleError(message("bundle output", f"'{out}' is a file", "a directory path", "choose another --out path"))
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise BundleError(message("bundle output", f"'{out}' exists and is not empty", "a new or empty directory", "pass overwrite=True (--overwrite) or choose another path"))
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise BundleError(message("bundle output", f"'{out}' exists and is not empty", "a new or empty directory", "pass overwrite=True (--overwrite) or choose another path"))
+        if not (out / MANIFEST).is_file():
+            # overwrite replaces the whole directory: only ever do that to a previous bundle, never to user files
+            raise BundleError(
+                message("bundle output", f"'{out}' is not empty and holds no {MANIFEST} (not a bundle)", "a new or empty directory, or an existing bundle to replace", "choose another --out path")
+            )
     if manifest.engines:
         raise BundleError(message("write_bundle engines", f"{len(manifest.engines)} engine entries", "none", "write the bundle first, then call add_engine for each plan"))
     names = {_file_name(n, "files") for n in files}
@@ -525,7 +531,11 @@ def write_bundle(out_dir: str | Path, manifest: Manifest, files: Mapping[str, st
         if out.exists():
             old = out.with_name(f".{out.name}.old.{uuid.uuid4().hex}")
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # put the previous bundle back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
@@ -543,8 +553,8 @@ def add_engine(bundle_dir: str | Path, engine_path: str | Path, meta: EngineEntr
     >>> add_engine("bundle", "merged.engine", EngineEntry("merged_fp16_sm90_trt10.13.0.engine", "merged", "fp16",
     ...            "10.13.0", "9.0", "NVIDIA H100", 8, "2026-11-23T10:00:00Z"))  # doctest: +SKIP
     """
-    root = Path(bundle_dir)
-    bundle = load_bundle(root)
+    bundle = load_bundle(bundle_dir)
+    root = bundle.root  # bundle_dir may also name the bundle's manifest.json
     if bundle.archive is not None:
         raise BundleError(message("add_engine bundle", str(bundle_dir), "a bundle directory", "extract the .tar first, add the engine, then re-archive"))
     if meta.variant not in bundle.manifest.variants:

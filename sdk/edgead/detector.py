@@ -31,7 +31,7 @@ from .backends.onnxruntime import OnnxRuntimeBackend
 from .bundle import Bundle, load_bundle
 from .errors import BackendError, ConfigError, InputError, message
 from .postprocess import efficientad_postprocess, image_scores
-from .preprocess import check_frame, prepare
+from .preprocess import prepare
 from .registry import BACKENDS, COLORS, PRECISIONS, check_choice
 from .result import Result
 
@@ -127,12 +127,16 @@ class Detector:
 
     def _ort_variant(self, variant: str | None, precision: str | None) -> str:
         variants = self._bundle.manifest.variants
+        if precision == "fp16":
+            raise ConfigError(message("precision", "'fp16' on ONNX Runtime", "fp32 or int8 (fp16 is a TensorRT engine precision)", "pass backend='tensorrt' or precision=None"))
+        if precision is not None and variant is not None and (variant == "merged_int8") != (precision == "int8"):
+            raise ConfigError(
+                message("variant / precision", f"variant={variant!r} with precision={precision!r}", "int8 only with variant 'merged_int8' on ONNX Runtime", "pass only one of variant= and precision=")
+            )
         if precision == "int8":
             if "merged_int8" not in variants:
                 raise ConfigError(message("precision", "'int8' on ONNX Runtime", "a bundle with the merged_int8 variant", "re-export with 'edgead export RUN --int8', or pass precision=None"))
             return "merged_int8"
-        if precision == "fp16":
-            raise ConfigError(message("precision", "'fp16' on ONNX Runtime", "fp32 or int8 (fp16 is a TensorRT engine precision)", "pass backend='tensorrt' or precision=None"))
         if variant is not None:
             return variant
         return next(v for v in _ORT_VARIANT_ORDER if v in variants)
@@ -230,8 +234,8 @@ class Detector:
     def _infer_chunk(self, frames: list[np.ndarray], color: str, map_size: str | tuple[int, int]) -> list[Result]:
         t0 = time.perf_counter()
         spec = self._bundle.manifest.input
-        shapes = [check_frame(f, color).shape[:2] for f in frames]
-        batch = np.stack([prepare(f, spec.image_size, spec.mean, spec.std, color) for f in frames])
+        batch = np.stack([prepare(f, spec.image_size, spec.mean, spec.std, color) for f in frames])  # validates each frame
+        shapes = [f.shape[:2] for f in frames]
         t1 = time.perf_counter()
         with self._lock:
             outputs, infer_ms = self._backend.timed_run(batch)

@@ -298,42 +298,32 @@ def _warn_once(key: str, text: str) -> None:
 
 def _cuda_postprocess(teacher: np.ndarray, student: np.ndarray, ae: np.ndarray, post: EfficientADPost, size: tuple[int, int] | None) -> tuple[np.ndarray, ...]:
     """Copy to the device through cuda-python, run the CUDA kernels, copy back (convenience path)."""
+    from .backends import cuda  # the one set of CUDA runtime helpers (MissingDependencyError without cuda-python)
+
     lib = load_library("cuda")
-    try:
-        from cuda.bindings import runtime as rt
-    except ImportError as exc:
-        from .errors import MissingDependencyError
-
-        raise MissingDependencyError("cuda-python", "gpu", "CUDA post-processing from host arrays") from exc
-
-    def call(res: Any) -> Any:
-        err = res[0] if isinstance(res, tuple) else res
-        if int(err) != 0:
-            raise BackendError(message("CUDA runtime", rt.cudaGetErrorString(err)[1].decode(), "success", "check the GPU and driver (nvidia-smi)"))
-        return res[1] if isinstance(res, tuple) and len(res) > 1 else None
-
+    rt = cuda.runtime()
     dtype, (n, c, h, w) = _check_arrays(teacher, student, ae)
     p = post.pad
     maps = np.empty((n, h + 2 * p, w + 2 * p), np.float32)
     scores = np.empty((n,), np.float32)
     resized = np.empty((n, size[0], size[1]), np.float32) if size else None
     host = [teacher, student, ae, maps, scores] + ([resized] if resized is not None else [])
-    dev: list[int] = []
+    dev: list[cuda.DeviceBuffer] = []
     h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
     try:
         for arr in host:
-            dev.append(int(call(rt.cudaMalloc(arr.nbytes))))
+            dev.append(cuda.DeviceBuffer(arr.nbytes))
         for d, arr in zip(dev[:3], host[:3], strict=True):
-            call(rt.cudaMemcpy(d, _ptr(arr), arr.nbytes, h2d))
-        lib.efficientad(dev[0], dev[1], dev[2], dtype, (n, c, h, w), post, dev[3], dev[4], stream=0)
+            cuda.check(rt.cudaMemcpy(d.ptr, _ptr(arr), arr.nbytes, h2d), "cudaMemcpy HtoD")
+        lib.efficientad(dev[0].ptr, dev[1].ptr, dev[2].ptr, dtype, (n, c, h, w), post, dev[3].ptr, dev[4].ptr, stream=0)
         if resized is not None:
-            lib.resize(dev[3], n, maps.shape[1], maps.shape[2], dev[5], resized.shape[1], resized.shape[2], stream=0)
-        call(rt.cudaDeviceSynchronize())
+            lib.resize(dev[3].ptr, n, maps.shape[1], maps.shape[2], dev[5].ptr, resized.shape[1], resized.shape[2], stream=0)
+        cuda.check(rt.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
         for d, arr in zip(dev[3:], host[3:], strict=True):
-            call(rt.cudaMemcpy(_ptr(arr), d, arr.nbytes, d2h))
+            cuda.check(rt.cudaMemcpy(_ptr(arr), d.ptr, arr.nbytes, d2h), "cudaMemcpy DtoH")
     finally:
         for d in dev:
-            rt.cudaFree(d)
+            d.close()
     return (maps, scores) if resized is None else (maps, scores, resized)
 
 

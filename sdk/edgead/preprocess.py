@@ -40,7 +40,7 @@ def check_frame(frame: object, color: str = "bgr") -> np.ndarray:
         raise InputError(message("frame shape", frame.shape, "a non-empty image", "check the camera or file delivered pixels"))
     channels = 1 if frame.ndim == 2 else frame.shape[2]
     expected = _CHANNELS[color]
-    if channels != expected and not (color == "gray" and channels == 1):
+    if channels != expected:
         raise InputError(
             message("frame channels", f"{channels} (shape {frame.shape})", f"{expected} for color='{color}'", "pass the matching color= option (gray, bgr, rgb, bgra, rgba)")
         )

@@ -31,7 +31,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import ConfigError, EdgeADError, InputError, MissingDependencyError, message
+from .datasets import IMAGE_EXTENSIONS, list_images, read_image
+from .errors import ConfigError, DataError, EdgeADError, InputError, MissingDependencyError, message
 
 __all__ = [
     "Frame",
@@ -70,7 +71,6 @@ PIXEL_FORMATS: dict[str, tuple[int | None, str, type]] = {
 }
 TRIGGER_MODES: tuple[str, ...] = ("free", "software", "line0", "line1", "line2", "line3")
 QUEUE_POLICIES: tuple[str, ...] = ("newest", "drop-oldest", "block")
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 class SourceError(EdgeADError):
@@ -222,7 +222,7 @@ class FolderSource(FrameSource):
         exts = ", ".join(e[1:] for e in IMAGE_EXTENSIONS)
         if not self.folder.is_dir():
             raise SourceError(message("image folder", f"'{self.folder}' (not a folder)", f"a folder of {exts} images", "check the path"))
-        self._files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        self._files = list_images(self.folder, required=False)
         if not self._files:
             raise SourceError(message("image folder", f"'{self.folder}' has no images", f"at least one {exts} file", "put images in the folder"))
         self._index = 0
@@ -242,13 +242,12 @@ class FolderSource(FrameSource):
             self._last = time.monotonic()
         path = self._files[self._index]
         self._index += 1
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if image is None or image.dtype not in (np.uint8, np.uint16):
+        try:
+            image = read_image(path)  # uint8/uint16, HxW or HxWx3 BGR (alpha dropped)
+        except DataError as exc:
             self.stats["unreadable"] += 1
-            log.warning("skipping unreadable image %s", path)
+            log.warning("skipping unreadable image %s (%s)", path, exc)
             return None
-        if image.ndim == 3 and image.shape[2] == 4:
-            image = image[:, :, :3]
         return self._frame(image, {"source": "folder", "path": str(path)})
 
     def close(self) -> None:

@@ -142,7 +142,7 @@ def test_ng_writer_keeps_the_disk_budget(tmp_path: Path) -> None:
     writer = loop.NGWriter(tmp_path / "ng", budget_bytes=60_000)
     for i in range(30):
         image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # noise: JPEGs of ~10 kB
-        result = loop.DryRunResult(1.0, rng.random((64, 64), dtype=np.float32), True, 0.5)
+        result = loop.Result(1.0, rng.random((64, 64), dtype=np.float32), True, 0.5)
         writer.save(loop.Frame(image, i, time.time_ns() + i, "bgr", {}), result)
     files = list((tmp_path / "ng").iterdir())
     total = sum(p.stat().st_size for p in files)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tiny_bundle as tb
 
+import edgead
 from edgead.backends import cuda
 from edgead.backends import tensorrt as trtb
 from edgead.backends.onnxruntime import OnnxRuntimeBackend, import_onnxruntime
@@ -264,6 +265,7 @@ def test_choose_engine_no_match(engines_bundle: Path) -> None:
 
 def test_kernel_library_reports_absence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "edgead.kernels", None)
+    monkeypatch.delattr(edgead, "kernels", raising=False)  # `from .. import kernels` reads the package attribute first
     lib, why = trtb.kernel_library()
     assert lib is None and "not importable" in why
 
@@ -295,6 +297,15 @@ def test_cuda_without_device_raises_backend_error() -> None:
         cuda.device_info(0)
     with pytest.raises(BackendError, match="CUDA cudaMalloc"):
         cuda.DeviceBuffer(16)
+
+
+def test_cuda_copies_check_both_buffers_before_any_cuda_call() -> None:
+    small, big = types.SimpleNamespace(nbytes=400, ptr=1), types.SimpleNamespace(nbytes=800, ptr=2)
+    stream = types.SimpleNamespace(raw=None)
+    with pytest.raises(BackendError, match="buffer sizing"):
+        cuda.copy_htod(big, small, stream, 800)  # type: ignore[arg-type]  # reads past the host buffer
+    with pytest.raises(BackendError, match="buffer sizing"):
+        cuda.copy_dtoh(big, small, stream, 800)  # type: ignore[arg-type]  # reads past the device buffer
 
 
 @pytest.mark.gpu

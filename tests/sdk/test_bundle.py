@@ -87,6 +87,15 @@ def test_write_is_atomic_and_refuses_non_empty(tmp_path: Path, bundle: Path) -> 
     assert list(load_bundle(bundle).manifest.variants) == ["raw"]
 
 
+def test_overwrite_never_replaces_a_folder_that_is_not_a_bundle(tmp_path: Path, bundle: Path) -> None:
+    target = tmp_path / "my_documents"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="not a bundle"):
+        write_bundle(target, tb.manifest(("raw",)), {"model_raw.onnx": tmp_path / "bundle_src" / "model_raw.onnx"}, overwrite=True)
+    assert (target / "notes.txt").read_text() == "keep me" and sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+
+
 def test_write_refuses_missing_variant_file(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="pass files="):
         write_bundle(tmp_path / "b", tb.manifest(), {})
@@ -100,8 +109,8 @@ def test_add_engine_and_platform_checks(tmp_path: Path, bundle: Path, caplog: py
     b = load_bundle(bundle, platform=H100)
     assert [e.file for e in b.engines_for(H100)] == ["merged_fp16_sm90_trt10.13.0.engine"]
     assert b.manifest.files["merged_fp16_sm90_trt10.13.0.engine"].sha256 == sha256_file(plan)
-    # replacing the same file name keeps one entry
-    add_engine(bundle, plan, engine_meta(max_batch=4))
+    # replacing the same file name keeps one entry; the manifest.json path names the bundle too
+    add_engine(bundle / MANIFEST, plan, engine_meta(max_batch=4))
     assert [e.max_batch for e in load_bundle(bundle).manifest.engines] == [4]
 
     other_gpu = Platform("8.7", "10.13.0", "Orin")
@@ -232,6 +241,8 @@ def _good() -> dict[str, Any]:
         (lambda d: d["postprocess"].update(qb_st=0.0), "qb > qa"),
         (lambda d: d["postprocess"].update(qa_ae=float("nan")), "postprocess.qa_ae"),
         (lambda d: d["postprocess"].update(weights=[0.3, 0.7]), "postprocess.weights"),
+        (lambda d: d["postprocess"].update(weights=["half", 0.5]), "postprocess.weights"),
+        (lambda d: d["variants"]["raw"].update(outputs=3), "variants.raw.outputs"),
         (lambda d: d["postprocess"].update(pad=-1), "postprocess.pad"),
         (lambda d: d["threshold"].update(value="high"), "threshold.value"),
         (lambda d: d.pop("threshold"), "missing key"),

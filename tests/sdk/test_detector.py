@@ -240,6 +240,8 @@ def test_argument_validation(bundle_dir: Path) -> None:
         Detector(bundle_dir, backend="onnxruntime", precision="int8")
     with pytest.raises(ConfigError, match="TensorRT"):
         Detector(bundle_dir, backend="onnxruntime", precision="fp16")
+    with pytest.raises(ConfigError, match="variant / precision"):
+        Detector(bundle_dir, backend="onnxruntime", variant="merged", precision="int8")
     with pytest.raises(ConfigError, match="device"):
         Detector(bundle_dir, device=-1)
     with pytest.raises(BundleError, match="does not exist"):

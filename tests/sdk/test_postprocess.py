@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+
 from edgead.errors import ConfigError, InputError
 from edgead.postprocess import EfficientADPost, QuantileAffine, efficientad_maps, efficientad_postprocess, image_scores, resize_bilinear
 

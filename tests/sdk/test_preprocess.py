@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from edgead.errors import ConfigError, InputError
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, check_frame, prepare, prepare_batch
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from edgead.errors import ConfigError, EdgeADError, InternalError, MissingDependencyError
 from edgead.registry import BACKENDS, check_choice, family_spec
 

@@ -212,19 +212,19 @@ class PinnedBuffer:
             self.ptr = 0
 
 
+def _copy(dst: DeviceBuffer | PinnedBuffer, src: DeviceBuffer | PinnedBuffer, stream: Stream, nbytes: int, kind: str) -> None:
+    if nbytes > src.nbytes or nbytes > dst.nbytes:
+        raise BackendError(message(f"CUDA {kind} copy", f"{nbytes} bytes", f"<= {min(src.nbytes, dst.nbytes)} bytes (both buffers)", "this is a bug in the backend's buffer sizing; report it"))
+    rt = runtime()
+    direction = rt.cudaMemcpyKind.cudaMemcpyHostToDevice if kind == "HtoD" else rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    check(rt.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes, direction, stream.raw), f"cudaMemcpyAsync {kind}")
+
+
 def copy_htod(dst: DeviceBuffer, src: PinnedBuffer, stream: Stream, nbytes: int | None = None) -> None:
     """Asynchronous host -> device copy of ``nbytes`` (default: all of ``src``) on ``stream``."""
-    rt = runtime()
-    n = src.nbytes if nbytes is None else nbytes
-    if n > dst.nbytes:
-        raise BackendError(message("host->device copy", f"{n} bytes", f"<= {dst.nbytes} bytes", "this is a bug in the backend's buffer sizing; report it"))
-    check(rt.cudaMemcpyAsync(dst.ptr, src.ptr, n, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.raw), "cudaMemcpyAsync HtoD")
+    _copy(dst, src, stream, src.nbytes if nbytes is None else nbytes, "HtoD")
 
 
 def copy_dtoh(dst: PinnedBuffer, src: DeviceBuffer, stream: Stream, nbytes: int | None = None) -> None:
     """Asynchronous device -> host copy of ``nbytes`` (default: all of ``dst``) on ``stream``."""
-    rt = runtime()
-    n = dst.nbytes if nbytes is None else nbytes
-    if n > src.nbytes or n > dst.nbytes:
-        raise BackendError(message("device->host copy", f"{n} bytes", f"<= {min(src.nbytes, dst.nbytes)} bytes", "this is a bug in the backend's buffer sizing; report it"))
-    check(rt.cudaMemcpyAsync(dst.ptr, src.ptr, n, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.raw), "cudaMemcpyAsync DtoH")
+    _copy(dst, src, stream, dst.nbytes if nbytes is None else nbytes, "DtoH")

@@ -178,7 +178,7 @@ def choose_engine(
             return None, text
     if not found:
         return None, "no engine for this GPU / TensorRT version (allow_onnx_fallback=True)"
-    order = (["raw"] if kernels_available else []) + ["merged", "merged_int8"] + ([] if kernels_available else ["raw"])
+    order = ("raw", "merged", "merged_int8")  # raw is only usable with the kernels
     usable = [e for e in found if e.variant != "raw" or kernels_available]
     if not usable:
         text = "only a 'raw' engine matches and the CUDA post-processing library is not available"
@@ -205,6 +205,8 @@ class TensorRTBackend(Backend):
         import_tensorrt()
         import tensorrt as trt
 
+        if engine.variant == "raw" and kernels is None:  # before anything is allocated
+            raise BundleError(message("TensorRT raw engine", "no CUDA post-processing library", "edgead.kernels CUDA build", "use a merged engine or build the kernels (make kernels)"))
         cuda.set_device(device)
         manifest = bundle.manifest
         size = manifest.input.image_size
@@ -231,8 +233,6 @@ class TensorRTBackend(Backend):
         self._stream = cuda.Stream()
         info = cuda.device_info(device)
         self._kernels = kernels if engine.variant == "raw" else None
-        if engine.variant == "raw" and kernels is None:
-            raise BundleError(message("TensorRT raw engine", "no CUDA post-processing library", "edgead.kernels CUDA build", "use a merged engine or build the kernels (make kernels)"))
         output_names = VARIANT_OUTPUTS["merged"] if engine.variant == "raw" else VARIANT_OUTPUTS[engine.variant]
         super().__init__(
             variant=engine.variant,
@@ -301,9 +301,16 @@ class TensorRTBackend(Backend):
             self._enqueue(n)  # warm-up outside capture (TensorRT allocates lazily on the first run of a shape)
             self._stream.synchronize()
             cuda.check(rt.cudaStreamBeginCapture(self._stream.raw, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture")
-            self._enqueue(n)
+            try:
+                self._enqueue(n)
+            except BaseException:
+                rt.cudaStreamEndCapture(self._stream.raw)  # leave capture mode (the stream is unusable in it); keep the first error
+                raise
             graph = cuda.check(rt.cudaStreamEndCapture(self._stream.raw), "cudaStreamEndCapture")
-            graph_exec = cuda.check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            try:
+                graph_exec = cuda.check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            finally:
+                rt.cudaGraphDestroy(graph)  # the executable graph does not need its template
             self._graphs[n] = graph_exec
         cuda.check(rt.cudaGraphLaunch(graph_exec, self._stream.raw), "cudaGraphLaunch")
 
