@@ -1,0 +1,143 @@
+"""Calibration of a trained EfficientAD on held-out good images (never on test images).
+
+Two things are fitted, both from normal images only:
+
+* the quantile constants of post-processing: ``qa`` / ``qb`` (0.9 / 0.995 by default) of the raw
+  local (teacher vs student) and global (autoencoder vs student) maps, taken over all pixels of all
+  validation images at feature resolution (before padding and resizing), as the reference implementation;
+* the image threshold: a documented statistic of the validation image scores computed with
+  ``edgead.postprocess.efficientad_postprocess`` (the runtime's definition). Methods:
+  ``"max"`` (default: no validation image is flagged) or ``"quantile:Q"`` (e.g. ``"quantile:0.99"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from edgead.errors import ConfigError, DataError, message
+from edgead.postprocess import EfficientADPost, QuantileAffine, efficientad_maps, efficientad_postprocess
+
+from .efficientad.models import EfficientAD
+from .efficientad.run import Calibration
+
+__all__ = ["QA", "QB", "THRESHOLD_METHODS", "model_outputs", "fit_quantiles", "fit_threshold", "calibrate"]
+
+log = logging.getLogger(__name__)
+
+QA = 0.9
+QB = 0.995
+THRESHOLD_METHODS = ("max", "quantile:Q")
+
+
+@torch.no_grad()
+def model_outputs(model: EfficientAD, images: np.ndarray | torch.Tensor, *, batch_size: int = 8, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the model in eval mode on prepared NCHW images; return (teacher, student, ae) as float32 numpy.
+
+    >>> m = EfficientAD("s", 128).eval()
+    >>> [o.shape[1] for o in model_outputs(m, np.zeros((1, 3, 128, 128), np.float32))]
+    [384, 768, 384]
+    """
+    if len(images) == 0:
+        raise DataError(message("images", "an empty batch", "at least one prepared image", "pass validation images"))
+    if batch_size < 1:
+        raise ConfigError(message("batch_size", batch_size, "an integer >= 1", "pass --batch-size 8"))
+    was_training = model.training
+    model.eval()
+    outs: list[list[np.ndarray]] = [[], [], []]
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            x = torch.as_tensor(np.asarray(chunk) if not isinstance(chunk, torch.Tensor) else chunk, dtype=torch.float32).to(device)
+            for i, o in enumerate(model(x)):
+                outs[i].append(o.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    t, s, a = (np.concatenate(o) for o in outs)
+    return t, s, a
+
+
+def _check_q(qa: float, qb: float) -> None:
+    if not (0.0 < qa < qb < 1.0):
+        raise ConfigError(message("calibration quantiles", f"qa={qa}, qb={qb}", "0 < qa < qb < 1", "use the paper's qa=0.9, qb=0.995"))
+
+
+def fit_quantiles(local: np.ndarray, glob: np.ndarray, qa: float = QA, qb: float = QB) -> tuple[QuantileAffine, QuantileAffine]:
+    """Quantile constants of the raw (N,h,w) local and global maps over all pixels.
+
+    >>> st, ae = fit_quantiles(np.arange(100.0).reshape(1, 10, 10), np.arange(100.0).reshape(1, 10, 10) * 2)
+    >>> round(st.qa, 2), round(ae.qb, 2)
+    (89.1, 197.01)
+    """
+    _check_q(qa, qb)
+    out = []
+    for name, maps in (("local", local), ("global", glob)):
+        values = np.asarray(maps, dtype=np.float64).ravel()
+        if values.size == 0 or not np.all(np.isfinite(values)):
+            raise DataError(message(f"{name} validation maps", f"{values.size} values (finite: {bool(np.all(np.isfinite(values)))})", "finite values", "check the training run (loss diverged?)"))
+        lo, hi = np.quantile(values, [qa, qb])
+        if not hi > lo:
+            raise DataError(
+                message(f"{name} map quantiles", f"q{qa}={lo}, q{qb}={hi}", "q_b > q_a", "use more (and varied) validation images: raise --val-fraction")
+            )
+        out.append(QuantileAffine(float(lo), float(hi)))
+    return out[0], out[1]
+
+
+def parse_threshold_method(method: str) -> tuple[str, float | None]:
+    """'max' -> ('max', None); 'quantile:0.99' -> ('quantile', 0.99); anything else raises ConfigError."""
+    text = str(method).strip().lower()
+    if text == "max":
+        return "max", None
+    if text.startswith("quantile:"):
+        try:
+            q = float(text.split(":", 1)[1])
+        except ValueError:
+            q = float("nan")
+        if 0.0 < q < 1.0:
+            return "quantile", q
+    raise ConfigError(message("threshold method", repr(method), "'max' or 'quantile:Q' with 0 < Q < 1", "pass --threshold max or --threshold quantile:0.99"))
+
+
+def fit_threshold(scores: Sequence[float] | np.ndarray, method: str = "max") -> tuple[float, str]:
+    """Image threshold from the scores of good validation images; returns (threshold, description).
+
+    >>> fit_threshold([0.1, 0.3, 0.2])
+    (0.3, 'max of 3 validation-good image scores')
+    """
+    kind, q = parse_threshold_method(method)
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise DataError(message("validation image scores", f"{values.size} values", "at least one finite score", "hold out more good images (--val-fraction)"))
+    if kind == "max":
+        return float(values.max()), f"max of {values.size} validation-good image scores"
+    assert q is not None
+    return float(np.quantile(values, q)), f"quantile {q} (linear) of {values.size} validation-good image scores"
+
+
+def calibrate(
+    model: EfficientAD,
+    val_images: np.ndarray | torch.Tensor,
+    *,
+    qa: float = QA,
+    qb: float = QB,
+    threshold_method: str = "max",
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> Calibration:
+    """Fit quantiles and the image threshold on prepared good validation images.
+
+    >>> cal = calibrate(EfficientAD("s", 128), np.random.rand(2, 3, 128, 128).astype(np.float32))  # doctest: +SKIP
+    """
+    parse_threshold_method(threshold_method)
+    t, s, a = model_outputs(model, val_images, batch_size=batch_size, device=device)
+    local, glob = efficientad_maps(t, s, a)
+    st, ae = fit_quantiles(local, glob, qa, qb)
+    post = EfficientADPost(st, ae, model.map_pad)
+    _, scores = efficientad_postprocess(t, s, a, post)
+    threshold, description = fit_threshold(scores, threshold_method)
+    log.info("calibration on %d good images: st %.4g/%.4g ae %.4g/%.4g, threshold %.4f (%s)", len(scores), st.qa, st.qb, ae.qa, ae.qb, threshold, description)
+    return Calibration(st.qa, st.qb, ae.qa, ae.qb, threshold, description, int(len(scores)))

@@ -1,0 +1,503 @@
+"""EfficientAD training (student + autoencoder against a frozen teacher), then calibration.
+
+The paper's recipe (Batzner et al., WACV 2024, Algorithm 1): Adam (lr 1e-4, weight decay 1e-5),
+70 000 steps of batch 1, learning rate x0.1 after 95 % of the steps; the student learns the teacher
+with the hard-feature loss (mean of the squared differences at or above their 0.999 quantile) plus,
+when a generic image folder is given, the ImageNet penalty (mean of the student's output squared on
+a generic image); the autoencoder learns the teacher on colour-jittered images (brightness, contrast
+or saturation, factor 0.8..1.2, one chosen at random per image) and the student's second half learns
+the autoencoder on the same jittered image. Teacher outputs are normalised with channel mean/std over
+the training images (stored in the model's buffers).
+
+Faster, equivalent paths: teacher outputs of the non-jittered images are cached (the teacher is frozen),
+the two student passes run as one batch, ``channels_last`` on CPU, fp16 autocast on CUDA.
+
+Presets (explicit options override them):
+
+========  ==========  =======  ======  ===============================================================
+preset    image size  steps    batch   use
+========  ==========  =======  ======  ===============================================================
+paper     256         70 000   1       the paper's recipe (GPU: about 1 h on an H100-class GPU)
+fast      256         17 500   4       same number of images seen as paper, 4x fewer steps (GPU)
+cpu       128         200      1       ~4 min on 2 CPU cores (the demo); lr 1e-3 instead of 1e-4 (measured
+                                       better at 200 steps); accuracy in docs/results.md
+========  ==========  =======  ======  ===============================================================
+
+Example::
+
+    edgead train --data /data/line3 --out runs/line3 --preset cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgead.datasets import list_images, open_dataset, read_image, split_train_val
+from edgead.errors import ConfigError, DataError, message
+from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
+from edgead.registry import FAMILIES, check_choice
+
+from ..calibrate import QA, QB, calibrate, parse_threshold_method
+from .models import EfficientAD, check_image_size, pdn
+from .run import CONFIG_FILE, save_calibration, save_model
+
+__all__ = ["TrainConfig", "PRESETS", "hard_feature_loss", "color_jitter", "train", "main"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoints/last.pt"
+LOG_FILE = "log.jsonl"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"image_size": 256, "steps": 70_000, "batch_size": 1, "lr": 1e-4, "checkpoint_every": 1000, "log_every": 100},
+    "fast": {"image_size": 256, "steps": 17_500, "batch_size": 4, "lr": 1e-4, "checkpoint_every": 500, "log_every": 50},
+    "cpu": {"image_size": 128, "steps": 200, "batch_size": 1, "lr": 1e-3, "checkpoint_every": 50, "log_every": 10},
+}
+DEVICES = ("auto", "cpu", "cuda")
+_QUANTILE_LIMIT = 16_000_000  # torch.quantile refuses larger inputs
+
+
+@dataclass
+class TrainConfig:
+    """All hyper-parameters of one training run (saved as config.json in the run dir).
+
+    >>> TrainConfig(data="data/line3", out="runs/line3").with_preset().steps
+    70000
+    """
+
+    data: str
+    out: str
+    model: str = "s"
+    preset: str = "paper"
+    teacher: str = "default"
+    penalty_data: str | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    image_size: int | None = None
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    lr: float | None = None
+    weight_decay: float = 1e-5
+    lr_drop_fraction: float = 0.95
+    p_hard: float = 0.999
+    qa: float = QA
+    qb: float = QB
+    threshold_method: str = "max"
+    amp: bool = True  # fp16 autocast, CUDA only
+    checkpoint_every: int | None = None
+    log_every: int | None = None
+    cache_mb: int = 2048  # in-memory cache of prepared images and teacher outputs
+    stop_after: int | None = None  # checkpoint and return after this step (resume later)
+    mean: tuple[float, ...] = field(default_factory=lambda: tuple(IMAGENET_MEAN))
+    std: tuple[float, ...] = field(default_factory=lambda: tuple(IMAGENET_STD))
+
+    def with_preset(self) -> TrainConfig:
+        """Fill the options left at None from the preset and validate everything."""
+        self.preset = check_choice("preset", self.preset, PRESETS)
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.validate()
+        return self
+
+    def validate(self) -> None:
+        self.model = check_choice("model size", self.model, FAMILIES["efficientad"].sizes)
+        self.device = check_choice("device", self.device, DEVICES)
+        parse_threshold_method(self.threshold_method)
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(message(name, value, "an integer >= 1", f"pass --{name.replace('_', '-')} with a positive integer"))
+        check_image_size(self.image_size)  # type: ignore[arg-type]
+        if not 0.0 < float(self.val_fraction) < 1.0:
+            raise ConfigError(message("val_fraction", self.val_fraction, "a number strictly between 0 and 1", "pass --val-fraction 0.1"))
+        if not 0.0 < float(self.p_hard) < 1.0:
+            raise ConfigError(message("p_hard", self.p_hard, "a number strictly between 0 and 1", "use the paper's 0.999"))
+        if not (isinstance(self.lr, float | int) and self.lr > 0 and self.weight_decay >= 0):
+            raise ConfigError(message("learning rate / weight decay", (self.lr, self.weight_decay), "lr > 0 and weight decay >= 0", "use 1e-4 / 1e-5"))
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ConfigError(message("stop_after", self.stop_after, "an integer >= 1", "omit it to train to the end"))
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(message("mean/std", (self.mean, self.std), "3 values each, std > 0", "use the ImageNet defaults"))
+
+
+def hard_feature_loss(teacher: torch.Tensor, student: torch.Tensor, p_hard: float = 0.999) -> torch.Tensor:
+    """Mean of the squared differences at or above their ``p_hard`` quantile (over the whole batch).
+
+    >>> t = torch.zeros(1, 2, 2, 2); s = torch.arange(8.0).reshape(1, 2, 2, 2)
+    >>> float(hard_feature_loss(t, s, 0.5))
+    31.5
+    """
+    distance = (teacher.float() - student.float()) ** 2
+    flat = distance.reshape(-1)
+    if flat.numel() <= _QUANTILE_LIMIT:
+        d_hard = torch.quantile(flat, p_hard)
+    else:  # same linear interpolation as torch.quantile, through kthvalue
+        pos = p_hard * (flat.numel() - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        v_lo = torch.kthvalue(flat, lo + 1).values
+        v_hi = torch.kthvalue(flat, hi + 1).values
+        d_hard = v_lo + (v_hi - v_lo) * (pos - lo)
+    return torch.mean(distance[distance >= d_hard])
+
+
+def color_jitter(x: torch.Tensor, kinds: np.ndarray, factors: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-image brightness (0) / contrast (1) / saturation (2) jitter of normalised NCHW images.
+
+    The jitter acts on the [0, 1] RGB pixels (as torchvision's ColorJitter), then re-normalises.
+
+    >>> x = torch.zeros(1, 3, 4, 4); m = torch.zeros(1, 3, 1, 1); s = torch.ones(1, 3, 1, 1)
+    >>> float(color_jitter(x + 0.5, np.array([0]), np.array([1.2]), m, s).mean())
+    0.6
+    """
+    rgb = x * std + mean
+    out = []
+    for i in range(rgb.shape[0]):
+        img, f, kind = rgb[i], float(factors[i]), int(kinds[i])
+        gray = 0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]
+        if kind == 0:
+            img = img * f
+        elif kind == 1:
+            img = f * img + (1.0 - f) * gray.mean()
+        else:
+            img = f * img + (1.0 - f) * gray[None]
+        out.append(img.clamp(0.0, 1.0))
+    return (torch.stack(out) - mean) / std
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(message("device", "'cuda'", "a CUDA device visible to PyTorch", "pass --device cpu (or auto), or install a CUDA build of torch"))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _color_of(image: np.ndarray) -> str:
+    return "gray" if image.ndim == 2 else "bgr"
+
+
+def _prepare_paths(paths: list[Path], cfg: TrainConfig) -> np.ndarray:
+    assert cfg.image_size is not None
+    return np.stack([prepare(img, cfg.image_size, cfg.mean, cfg.std, _color_of(img)) for img in (read_image(p) for p in paths)])
+
+
+def _penalty_image(path: Path, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
+    """Generic image as the reference: resize to 2S x 2S, centre crop S, grayscale with p=0.3."""
+    import cv2
+
+    s = cfg.image_size
+    assert s is not None
+    img = read_image(path)
+    img = cv2.resize(img, (2 * s, 2 * s), interpolation=cv2.INTER_LINEAR)
+    img = np.ascontiguousarray(img[s // 2 : s // 2 + s, s // 2 : s // 2 + s])
+    color = _color_of(img)
+    if rng.random() < 0.3 and color == "bgr":
+        img, color = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), "gray"
+    return prepare(img, s, cfg.mean, cfg.std, color)
+
+
+def _load_teacher_into(model: EfficientAD, spec: str) -> str:
+    """Load the frozen teacher; returns a description for the log/config."""
+    try:
+        from .teacher import load_teacher
+    except ImportError:
+        if spec != "random":
+            raise
+        teacher = pdn(model.size, model.out_channels, padding=False)
+    else:
+        teacher = load_teacher(model.size, spec, model.out_channels)
+    model.teacher.load_state_dict(teacher.state_dict())
+    for p in model.teacher.parameters():
+        p.requires_grad_(False)
+    return spec
+
+
+def _check_run_dir(out: Path, resume: bool) -> None:
+    if resume:
+        if not (out / CHECKPOINT).is_file() or not (out / CONFIG_FILE).is_file():
+            raise ConfigError(message("--resume", f"{out} without {CHECKPOINT} and {CONFIG_FILE}", "a run dir written by an interrupted `edgead train`", "drop --resume to start a new run"))
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(
+            message("run directory", f"{out} (exists and is not empty)", "a new or empty directory", "choose another --out, delete it yourself, or pass --resume to continue it")
+        )
+
+
+def _save_checkpoint(out: Path, step: int, model: EfficientAD, opt: torch.optim.Optimizer, scaler: Any, rng: np.random.Generator) -> None:
+    path = out / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng_numpy": rng.bit_generator.state,
+        "rng_torch": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "rng_python": random.getstate(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def _log(out: Path, record: dict[str, Any]) -> None:
+    with open(out / LOG_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def _teacher_raw(model: EfficientAD, images: np.ndarray, device: torch.device, batch: int = 8) -> torch.Tensor:
+    outs = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i : i + batch]).to(device)
+        outs.append(model.teacher(x).float().cpu())
+    return torch.cat(outs)
+
+
+def _channel_stats(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel mean and std over all training images and positions (reference: mean of per-image means)."""
+    mean = raw.mean(dim=(0, 2, 3), keepdim=True)
+    var = ((raw - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+    return mean, var.clamp_min(1e-12).sqrt()
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> Path:
+    """Train EfficientAD on ``config.data`` (good images), calibrate, and return the run dir.
+
+    >>> train(TrainConfig(data="data/line3", out="runs/line3", preset="cpu"))  # doctest: +SKIP
+    PosixPath('runs/line3')
+    """
+    from tqdm import tqdm
+
+    out = Path(config.out)
+    _check_run_dir(out, resume)
+    if resume:
+        saved = json.loads((out / CONFIG_FILE).read_text())
+        saved["mean"], saved["std"] = tuple(saved["mean"]), tuple(saved["std"])
+        cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
+        cfg.stop_after, cfg.device = config.stop_after, config.device
+        cfg.validate()
+    else:
+        cfg = config.with_preset()
+    assert cfg.steps is not None and cfg.batch_size is not None and cfg.image_size is not None
+    assert cfg.checkpoint_every is not None and cfg.log_every is not None and cfg.lr is not None
+    device = _resolve_device(cfg.device)
+    dataset = open_dataset(cfg.data)
+    train_paths, val_paths = split_train_val(dataset.train_good, cfg.val_fraction, cfg.seed)
+    penalty_paths = list_images(cfg.penalty_data) if cfg.penalty_data else []
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
+
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    t_start = time.perf_counter()
+
+    model = EfficientAD(cfg.model, cfg.image_size)
+    teacher_desc = _load_teacher_into(model, cfg.teacher)
+    model.to(device)
+    channels_last = device.type == "cpu"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    params = list(model.student.parameters()) + list(model.autoencoder.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_amp = bool(cfg.amp) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    start_step = 0
+    if resume:
+        blob = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
+        model.load_state_dict(blob["model"])
+        opt.load_state_dict(blob["optimizer"])
+        if scaler is not None and blob["scaler"] is not None:
+            scaler.load_state_dict(blob["scaler"])
+        rng.bit_generator.state = blob["rng_numpy"]
+        torch.set_rng_state(blob["rng_torch"])
+        if blob["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(blob["rng_cuda"])
+        random.setstate(blob["rng_python"])
+        start_step = int(blob["step"])
+        log.info("resuming %s at step %d of %d", out, start_step, cfg.steps)
+    log.info("loading %d training / %d validation images from %s", len(train_paths), len(val_paths), cfg.data)
+    images = _prepare_paths(train_paths, cfg)
+    model.teacher.eval()
+    raw = _teacher_raw(model, images, device)
+    buf_mean, buf_std = model.get_buffer("teacher_mean"), model.get_buffer("teacher_std")
+    if not resume:
+        t_mean, t_std = _channel_stats(raw)
+        buf_mean.copy_(t_mean.to(device))
+        buf_std.copy_(t_std.to(device))
+    # cached normalised teacher outputs of the (non-augmented) training images
+    cache_bytes = raw.numel() * 4 + images.nbytes
+    cached_teacher = ((raw.to(device) - buf_mean) / buf_std) if cache_bytes <= cfg.cache_mb * 2**20 else None
+    del raw
+    images_t = torch.from_numpy(images)
+    mean_t = torch.tensor(cfg.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(cfg.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    c = model.out_channels
+    drop_at = int(cfg.lr_drop_fraction * cfg.steps)
+    end_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+    model.student.train()
+    model.autoencoder.train()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"train EfficientAD-{cfg.model.upper()}", unit="step", dynamic_ncols=True)
+    step = start_step
+    try:
+        while step < end_step:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * (0.1 if step >= drop_at else 1.0)
+            idx = rng.integers(0, len(images), cfg.batch_size)
+            kinds = rng.integers(0, 3, cfg.batch_size)
+            factors = rng.uniform(0.8, 1.2, cfg.batch_size)
+            pen_idx = int(rng.integers(0, len(penalty_paths))) if penalty_paths else -1
+            x = images_t[torch.from_numpy(idx)].to(device)
+            x_ae = color_jitter(x, kinds, factors, mean_t, std_t)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+                x_ae = x_ae.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                with torch.no_grad():
+                    t_st = cached_teacher[torch.from_numpy(idx).to(device)] if cached_teacher is not None else model.normalised_teacher(x)
+                    t_ae = model.normalised_teacher(x_ae)
+                s = model.student(torch.cat([x, x_ae]))
+                s_st, s_ae = s[: cfg.batch_size, :c], s[cfg.batch_size :, c:]
+                loss_hard = hard_feature_loss(t_st, s_st, cfg.p_hard)
+                loss_pen = torch.zeros((), device=device)
+                if pen_idx >= 0:
+                    p = torch.from_numpy(_penalty_image(penalty_paths[pen_idx], cfg, rng)[None]).to(device)
+                    loss_pen = torch.mean(model.student(p)[:, :c].float() ** 2)
+                a = model.autoencoder(x_ae)
+                loss_ae = torch.mean((t_ae.float() - a.float()) ** 2)
+                loss_stae = torch.mean((a.float() - s_ae.float()) ** 2)
+                loss = loss_hard + loss_pen + loss_ae + loss_stae
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            step += 1
+            bar.update(1)
+            loss_value = loss.detach().item()
+            if not math.isfinite(loss_value):
+                raise DataError(message("training loss", f"{loss_value} at step {step}", "a finite loss", "check the images; lower --lr; resume from the last checkpoint"))
+            if step % cfg.log_every == 0 or step == end_step:
+                rec = {
+                    "step": step,
+                    "loss": loss_value,
+                    "loss_hard": loss_hard.detach().item(),
+                    "loss_penalty": loss_pen.detach().item(),
+                    "loss_ae": loss_ae.detach().item(),
+                    "loss_stae": loss_stae.detach().item(),
+                    "lr": opt.param_groups[0]["lr"],
+                    "elapsed_s": round(time.perf_counter() - t_start, 2),
+                }
+                _log(out, rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == end_step:
+                _save_checkpoint(out, step, model, opt, scaler, rng)
+    except KeyboardInterrupt:
+        _save_checkpoint(out, step, model, opt, scaler, rng)
+        log.warning("interrupted at step %d; checkpoint saved, continue with: edgead train --out %s --resume", step, out)
+        raise
+    finally:
+        bar.close()
+    if step < cfg.steps:
+        log.info("stopped after step %d of %d; continue with: edgead train --out %s --resume", step, cfg.steps, out)
+        return out
+
+    model.eval()
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    val_images = _prepare_paths(val_paths, cfg)
+    cal = calibrate(model, val_images, qa=cfg.qa, qb=cfg.qb, threshold_method=cfg.threshold_method, device=str(device))
+    model.cpu()
+    save_model(model, out)
+    save_calibration(cal, out)
+    wall = time.perf_counter() - t_start
+    _log(out, {"event": "done", "steps": cfg.steps, "teacher": teacher_desc, "train_images": len(train_paths), "val_images": len(val_paths), "wall_s": round(wall, 2)})
+    log.info("run %s: %d steps, %.1f s, threshold %.4f", out, cfg.steps, wall, cal.threshold)
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"got {value}; expected an integer >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgead train", description="Train EfficientAD on good images and calibrate it on held-out good images.")
+    p.add_argument("--data", help="dataset root (MVTec layout or good/ folder)")
+    p.add_argument("--out", required=True, help="run directory (new or empty, or an interrupted run with --resume)")
+    p.add_argument("--model", default="s", help="s (PDN-S) or m (PDN-M)")
+    p.add_argument("--preset", default="paper", help="paper | fast | cpu (see module docs); explicit options override")
+    p.add_argument("--teacher", default="default", help="teacher weights: PATH, 'default' (embedded) or 'random'")
+    p.add_argument("--penalty-data", help="folder of generic images for the ImageNet penalty (optional)")
+    p.add_argument("--steps", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--lr", type=float, help="Adam learning rate (presets: paper/fast 1e-4, cpu 1e-3)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threshold", default="max", help="image threshold from validation-good scores: max | quantile:Q")
+    p.add_argument("--checkpoint-every", type=_positive_int)
+    p.add_argument("--stop-after", type=_positive_int, help="checkpoint and exit after this step (continue with --resume)")
+    p.add_argument("--no-amp", action="store_true", help="disable fp16 autocast on CUDA")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (its config.json is used)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``edgead train --data DIR --out RUN_DIR [--preset cpu] ...``; returns 0 on success."""
+    args = build_parser().parse_args(argv)
+    if not args.resume and not args.data:
+        raise ConfigError(message("--data", "nothing", "a dataset folder", "pass --data DIR (or --resume to continue a run)"))
+    cfg = TrainConfig(
+        data=str(args.data or ""),
+        out=str(args.out),
+        model=args.model,
+        preset=args.preset,
+        teacher=args.teacher,
+        penalty_data=args.penalty_data,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        lr=args.lr,
+        device=args.device,
+        threshold_method=args.threshold,
+        amp=not args.no_amp,
+        checkpoint_every=args.checkpoint_every,
+        stop_after=args.stop_after,
+    )
+    if not args.resume:
+        cfg.with_preset()
+    run_dir = train(cfg, resume=args.resume)
+    if (run_dir / "model.pt").is_file():
+        print(f"run written to {run_dir}")
+    else:
+        print(f"stopped early; checkpoint in {run_dir / CHECKPOINT}; continue with: edgead train --out {run_dir} --resume")
+    return 0

@@ -1,0 +1,202 @@
+"""EfficientAD training: losses against naive references, a tiny run, resume, refusal, CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from build_engines.efficientad import train as train_mod
+from build_engines.efficientad.run import load_run
+from build_engines.efficientad.train import PRESETS, TrainConfig, color_jitter, hard_feature_loss, train
+from build_engines.synthetic import generate
+from edgead.datasets import open_dataset, read_image, split_train_val
+from edgead.errors import ConfigError
+from edgead.postprocess import efficientad_maps
+from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
+
+torch.set_num_threads(1)
+
+
+def _naive_hard_loss(t: np.ndarray, s: np.ndarray, q: float) -> float:
+    d = ((t.astype(np.float64) - s.astype(np.float64)) ** 2).ravel()
+    sorted_d = np.sort(d)
+    pos = q * (d.size - 1)
+    lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+    thr = sorted_d[lo] + (sorted_d[hi] - sorted_d[lo]) * (pos - lo)
+    return float(d[d >= thr].mean())
+
+
+@pytest.mark.parametrize("q", [0.999, 0.9, 0.5])
+@pytest.mark.parametrize("shape", [(1, 384, 8, 8), (3, 16, 5, 7)])
+def test_hard_feature_loss_matches_naive(q: float, shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(1)
+    t = rng.normal(size=shape).astype(np.float32)
+    s = rng.normal(size=shape).astype(np.float32) + 0.3
+    got = float(hard_feature_loss(torch.from_numpy(t), torch.from_numpy(s), q))
+    assert got == pytest.approx(_naive_hard_loss(t, s, q), rel=1e-5)
+    # the hard loss only keeps the largest differences: it exceeds the plain mean
+    assert got > float(((t - s) ** 2).mean())
+
+
+def test_hard_feature_loss_kthvalue_path_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    t = rng.normal(size=(2, 8, 9, 11)).astype(np.float32)
+    s = rng.normal(size=(2, 8, 9, 11)).astype(np.float32)
+    monkeypatch.setattr(train_mod, "_QUANTILE_LIMIT", 10)
+    got = float(hard_feature_loss(torch.from_numpy(t), torch.from_numpy(s), 0.99))
+    assert got == pytest.approx(_naive_hard_loss(t, s, 0.99), rel=1e-5)
+
+
+def test_hard_feature_loss_has_gradient_only_on_hard_elements() -> None:
+    t = torch.zeros(1, 1, 2, 5)
+    s = torch.arange(10.0).reshape(1, 1, 2, 5).requires_grad_(True)
+    hard_feature_loss(t, s, 0.8).backward()
+    grad = s.grad.reshape(-1)
+    assert torch.all(grad[:7] == 0) and torch.all(grad[8:] > 0)
+
+
+def _jitter_reference(rgb: np.ndarray, kind: int, f: float) -> np.ndarray:
+    out = np.empty_like(rgb)
+    gray = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    for c in range(3):
+        for y in range(rgb.shape[1]):
+            for x in range(rgb.shape[2]):
+                v = rgb[c, y, x]
+                if kind == 0:
+                    r = v * f
+                elif kind == 1:
+                    r = f * v + (1 - f) * gray.mean()
+                else:
+                    r = f * v + (1 - f) * gray[y, x]
+                out[c, y, x] = min(max(r, 0.0), 1.0)
+    return out
+
+
+def test_color_jitter_matches_pixel_reference() -> None:
+    rng = np.random.default_rng(3)
+    rgb = rng.uniform(0.05, 0.95, size=(3, 3, 4, 5))
+    mean = np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(IMAGENET_STD).reshape(1, 3, 1, 1)
+    x = torch.from_numpy(((rgb - mean) / std).astype(np.float32))
+    kinds, factors = np.array([0, 1, 2]), np.array([1.19, 0.81, 1.2])
+    got = color_jitter(x, kinds, factors, torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)).numpy()
+    for i in range(3):
+        ref = (_jitter_reference(rgb[i], int(kinds[i]), float(factors[i])) - mean[0]) / std[0]
+        np.testing.assert_allclose(got[i], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_presets_fill_only_unset_options() -> None:
+    cfg = TrainConfig(data="d", out="o", preset="cpu", steps=7).with_preset()
+    assert cfg.steps == 7 and cfg.image_size == PRESETS["cpu"]["image_size"] and cfg.batch_size == PRESETS["cpu"]["batch_size"]
+    assert TrainConfig(data="d", out="o").with_preset().steps == 70_000
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"preset": "cpuu"}, "did you mean 'cpu'"),
+        ({"image_size": 100}, "image_size"),
+        ({"steps": 0}, "steps"),
+        ({"model": "l"}, "model size"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"device": "tpu"}, "device"),
+        ({"threshold_method": "median"}, "threshold method"),
+    ],
+)
+def test_config_errors_are_precise(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle) as info:
+        TrainConfig(data="d", out="o", preset=kwargs.pop("preset", "cpu"), **kwargs).with_preset()
+    assert "how to fix" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate(tmp_path_factory.mktemp("syn") / "data", n_train=6, n_test_good=2, n_test_defect=1, size=128, seed=0)
+
+
+def _cfg(data: Path, out: Path, **kw: object) -> TrainConfig:
+    base: dict = {"preset": "cpu", "teacher": "random", "steps": 4, "val_fraction": 0.34, "checkpoint_every": 2, "seed": 5, "device": "cpu"}
+    base.update(kw)
+    return TrainConfig(data=str(data), out=str(out), **base)
+
+
+@pytest.fixture(scope="module")
+def full_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(_cfg(data, tmp_path_factory.mktemp("runs") / "full"))
+
+
+def test_tiny_run_writes_a_complete_loadable_run_dir(full_run: Path, data: Path) -> None:
+    for name in ("config.json", "log.jsonl", "model.pt", "calibration.json", "checkpoints/last.pt"):
+        assert (full_run / name).is_file(), name
+    run = load_run(full_run)
+    cfg = run.config
+    assert cfg["steps"] == 4 and cfg["image_size"] == 128 and cfg["data"] == str(data) and list(cfg["mean"]) == list(IMAGENET_MEAN)
+    records = [json.loads(line) for line in (full_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "step" in r] == [4]
+    assert records[-1]["event"] == "done" and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    # teacher normalisation: computed over the training images, not the defaults
+    assert not torch.allclose(run.model.teacher_std, torch.ones_like(run.model.teacher_std))
+
+    # independent recomputation of the calibration on the held-out images
+    train_paths, val_paths = split_train_val(open_dataset(data).train_good, 0.34, 5)
+    assert run.calibration.validation_images == len(val_paths) == 2
+    x = torch.from_numpy(np.stack([prepare(read_image(p), 128) for p in val_paths]))
+    with torch.no_grad():
+        t, s, a = (o.numpy() for o in run.model(x))
+    local, glob = efficientad_maps(t, s, a)
+    cal = run.calibration
+    np.testing.assert_allclose([cal.qa_st, cal.qb_st], np.quantile(local.astype(np.float64), [0.9, 0.995]), rtol=1e-4)
+    np.testing.assert_allclose([cal.qa_ae, cal.qb_ae], np.quantile(glob.astype(np.float64), [0.9, 0.995]), rtol=1e-4)
+    merged = 0.5 * 0.1 * (local - cal.qa_st) / (cal.qb_st - cal.qa_st) + 0.5 * 0.1 * (glob - cal.qa_ae) / (cal.qb_ae - cal.qa_ae)
+    scores = np.maximum(merged.reshape(len(val_paths), -1).max(axis=1), 0.0)  # padding adds zeros
+    assert cal.threshold == pytest.approx(float(scores.max()), rel=1e-4)
+    assert cal.threshold_method.startswith("max of 2")
+
+
+def test_resume_gives_identical_results(full_run: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "split"
+    assert train(_cfg(data, out, stop_after=2)) == out
+    assert not (out / "model.pt").exists()
+    assert torch.load(out / "checkpoints/last.pt", weights_only=False)["step"] == 2
+    train(_cfg(data, out), resume=True)
+    a = torch.load(full_run / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert json.loads((full_run / "calibration.json").read_text()) == json.loads((out / "calibration.json").read_text())
+    steps = [json.loads(line).get("step") for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps[:2] == [2, 4]
+
+
+def test_refuses_non_empty_run_dir_and_keeps_files(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(ConfigError, match="not empty"):
+        train(_cfg(data, out))
+    assert (out / "notes.txt").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_resume_without_checkpoint_is_refused(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--resume"):
+        train(_cfg(data, tmp_path / "new"), resume=True)
+
+
+def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgead.cli import main as cli
+
+    assert cli(["train", "--out", str(tmp_path / "r")]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert cli(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), "--preset", "papr"]) == 2
+    assert "did you mean 'paper'" in capsys.readouterr().err
+    assert cli(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--image-size", "200"]) == 2
+    assert "multiple of 64" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--steps", "0"])
+    assert "expected an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
