@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from build_engines.bench import count_flops, gemm_gflops, main, percentiles, run_bench
-from build_engines.efficientad.models import EfficientAD
+from build_engines.efficientad.models import EfficientAD, conv_flops
 from build_engines.efficientad.run import Calibration, save_calibration, save_model
 from build_engines.export import export_bundle
 from edgead.errors import ConfigError
@@ -33,21 +33,6 @@ def run_and_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     return run, export_bundle(run, root / "bundle", variants=("merged",))
 
 
-def _conv_flops_torch(model: torch.nn.Module, size: int) -> float:
-    total = 0.0
-
-    def hook(mod: torch.nn.Conv2d, _i: object, out: torch.Tensor) -> None:
-        nonlocal total
-        total += 2.0 * out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    with torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
-    for h in handles:
-        h.remove()
-    return total
-
-
 def test_percentiles() -> None:
     p = percentiles(list(range(1, 101)))
     assert p["p50"] == pytest.approx(50.5) and p["p90"] == pytest.approx(90.1) and p["p99"] == pytest.approx(99.01)
@@ -59,17 +44,10 @@ def test_percentiles() -> None:
 def test_flop_count_matches_torch_hooks(run_and_bundle: tuple[Path, Path]) -> None:
     _, bundle = run_and_bundle
     torch.manual_seed(0)
-    ref = _conv_flops_torch(EfficientAD("s", SIZE).eval(), SIZE)
+    ref = conv_flops(EfficientAD("s", SIZE).eval(), torch.zeros(1, 3, SIZE, SIZE))  # 75.9 GFLOP at 256: test_models
     got = count_flops(bundle / "model_merged.onnx")
     assert got["conv_flops"] == pytest.approx(ref, rel=1e-9)
     assert got["matmul_flops"] == 0
-
-
-def test_flops_at_256_match_the_documented_figure(tmp_path: Path) -> None:
-    # FACTS.md: EfficientAD-S at 256x256 is 75.9 GFLOP per image (teacher + student + AE)
-    torch.manual_seed(0)
-    ref = _conv_flops_torch(EfficientAD("s", 256).eval(), 256)
-    assert ref / 1e9 == pytest.approx(75.9, abs=0.1)
 
 
 def test_gemm_rate_is_positive_and_consistent() -> None:
