@@ -36,6 +36,7 @@ from .postprocess import EfficientADPost, efficientad_postprocess, resize_biline
 __all__ = [
     "DTYPE_FP32",
     "DTYPE_FP16",
+    "NP_DTYPES",
     "LIBRARY_NAMES",
     "PostprocessLibrary",
     "find_library",
@@ -53,7 +54,7 @@ DTYPE_FP16 = 1
 ABI_VERSION = 1
 LIBRARY_NAMES = {"host": "libedgead_pp_host.so", "cuda": "libedgead_pp_cuda.so"}
 _KINDS = tuple(LIBRARY_NAMES)
-_NP_DTYPES = {np.dtype(np.float32): DTYPE_FP32, np.dtype(np.float16): DTYPE_FP16}
+NP_DTYPES: dict[np.dtype, int] = {np.dtype(np.float32): DTYPE_FP32, np.dtype(np.float16): DTYPE_FP16}
 _FALLBACK_WARNED: set[str] = set()
 
 _c_void_p = ctypes.c_void_p
@@ -175,7 +176,7 @@ def _check_arrays(teacher: Any, student: Any, ae: Any) -> tuple[int, tuple[int, 
     for name, arr in arrays.items():
         if not isinstance(arr, np.ndarray):
             raise InputError(message(name, type(arr).__name__, "a numpy array", "pass numpy arrays (device buffers go through device_postprocess)"))
-        if arr.dtype not in _NP_DTYPES:
+        if arr.dtype not in NP_DTYPES:
             raise InputError(message(f"{name} dtype", arr.dtype, "float32 or float16", f"convert with {name}.astype(np.float32)"))
         if arr.ndim != 4:
             raise InputError(message(f"{name} shape", arr.shape, "NCHW (4 dimensions)", "pass the raw network output"))
@@ -183,7 +184,7 @@ def _check_arrays(teacher: Any, student: Any, ae: Any) -> tuple[int, tuple[int, 
             raise InputError(message(f"{name} layout", "a non-contiguous view", "a C-contiguous NCHW array", f"pass np.ascontiguousarray({name})"))
     if len({teacher.dtype, student.dtype, ae.dtype}) != 1:
         raise InputError(message("output dtypes", (teacher.dtype, student.dtype, ae.dtype), "one dtype for teacher, student and ae", "cast all three alike"))
-    return _NP_DTYPES[teacher.dtype], _check_shape(teacher.shape, student.shape, ae.shape)
+    return NP_DTYPES[teacher.dtype], _check_shape(teacher.shape, student.shape, ae.shape)
 
 
 def _check_shape(t_shape: tuple[int, ...], s_shape: tuple[int, ...], a_shape: tuple[int, ...]) -> tuple[int, int, int, int]:

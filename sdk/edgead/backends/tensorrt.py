@@ -30,6 +30,7 @@ import numpy as np
 
 from ..bundle import VARIANT_OUTPUTS, Bundle, EngineEntry, Platform, rebuild_command
 from ..errors import BackendError, BundleError, MissingDependencyError, message
+from ..kernels import NP_DTYPES
 from . import cuda
 from .base import Backend
 
@@ -51,7 +52,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PRECISION_ORDER = ("fp16", "int8", "fp32")
-_PP_DTYPE = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # EDGEAD_PP_FP32 / EDGEAD_PP_FP16
 
 
 def _dims(d: trt.Dims) -> tuple[int, ...]:
@@ -125,7 +125,7 @@ def check_bindings(io: Sequence[TensorInfo], input_name: str, input_shape: tuple
     if sorted(t.name for t in outputs) != sorted(expected):
         raise BundleError(message(f"engine '{engine_file}' outputs", [t.name for t in outputs], f"{list(expected)} for variant '{variant}'", fix))
     for t in outputs:
-        if t.dtype not in _PP_DTYPE:
+        if t.dtype not in NP_DTYPES:
             raise BundleError(message(f"engine '{engine_file}' output '{t.name}' dtype", t.dtype, "float32 or float16", fix))
         if any(d == -1 for d in t.shape[1:]):
             raise BundleError(message(f"engine '{engine_file}' output '{t.name}' shape", t.shape, "only the batch axis dynamic", fix))
@@ -289,7 +289,7 @@ class TensorRTBackend(Backend):
             from .. import kernels
 
             kernels.device_postprocess(
-                t, s, a, dtype=_PP_DTYPE[self._io["teacher"].dtype], shape=(n, c, h, w), post=post,
+                t, s, a, dtype=NP_DTYPES[self._io["teacher"].dtype], shape=(n, c, h, w), post=post,
                 map_out=self._dev["anomaly_map"].ptr, score_out=self._dev["score"].ptr, stream=self._stream.handle, library=self._kernels,
             )
 
