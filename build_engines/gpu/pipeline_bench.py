@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -27,7 +26,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "sdk"), str(REPO)]
+sys.path[:0] = [str(REPO / "sdk"), str(REPO), str(REPO / "kernels" / "postprocess")]
+
+from bench_kernels import copy_bandwidth_gbs, gpu_time_ms  # noqa: E402
 
 from build_engines.efficientad.models import EfficientAD, conv_flops  # noqa: E402
 from edgead import kernels  # noqa: E402
@@ -46,30 +47,12 @@ def _device_info() -> dict:
     return {"name": props.name, "sms": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1), "nvidia_smi": smi, "torch": torch.__version__, "cuda": torch.version.cuda}
 
 
-def _events_ms(fn, runs: int, warmup: int = 20) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 def ceilings() -> dict:
-    """FP16 matrix rate and device-to-device copy bandwidth, measured now."""
+    """FP16 matrix rate and device-to-device copy bandwidth, measured now (timers shared with the kernel benchmark)."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
-    ms = statistics.median(_events_ms(lambda: torch.mm(a, b), 20, 5))
-    src = torch.randn(2**28, device="cuda")  # 1 GiB
-    dst = torch.empty_like(src)
-    cms = statistics.median(_events_ms(lambda: dst.copy_(src), 20, 3))
-    return {"fp16_matmul_tflops": 2 * 8192**3 / (ms * 1e-3) / 1e12, "copy_gbps": 2 * 2**30 / (cms * 1e-3) / 1e9}
+    ms = gpu_time_ms(lambda: torch.mm(a, b), k=5, reps=10)
+    return {"fp16_matmul_tflops": 2 * 8192**3 / (ms * 1e-3) / 1e12, "copy_gbps": copy_bandwidth_gbs()}
 
 
 class Pipeline:
