@@ -57,6 +57,8 @@ def percentiles(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
 def count_flops(onnx_path: str | Path, image_size: int | None = None) -> dict[str, float]:
     """FLOPs per image of the Conv / MatMul / Gemm nodes of an ONNX graph (2 x multiply-adds).
 
+    ``int8_conv_flops``: the part of ``conv_flops`` in QDQ (INT8) convolutions.
+
     Tensor shapes come from running the graph once on a zero image with ONNX Runtime (exact even
     where static shape inference gives up, e.g. after a Resize with computed sizes).
     """
@@ -92,17 +94,21 @@ def count_flops(onnx_path: str | Path, image_size: int | None = None) -> dict[st
             return weight_shape(producer.input[0])
         raise ConfigError(message("FLOP count", f"unknown shape of '{name}'", "a graph exported by edgead export", "re-export the bundle"))
 
-    conv = matmul = 0.0
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    conv = matmul = int8 = 0.0
     for n in nodes:
         out = shapes[n.output[0]]
         if n.op_type == "Conv":
             w = weight_shape(n.input[1])  # (Cout, Cin/groups, kh, kw)
-            conv += 2.0 * float(np.prod(out)) * float(np.prod(w[1:]))
+            flops = 2.0 * float(np.prod(out)) * float(np.prod(w[1:]))
+            conv += flops
+            if n.input[1] in dequantized:  # QDQ convolution: runs in INT8
+                int8 += flops
         else:
             a = shapes.get(n.input[0]) or weight_shape(n.input[0])
             k = a[-1]
             matmul += 2.0 * float(np.prod(out)) * float(k)
-    return {"conv_flops": conv, "matmul_flops": matmul, "total_flops": conv + matmul, "image_size": float(side)}
+    return {"conv_flops": conv, "matmul_flops": matmul, "total_flops": conv + matmul, "int8_conv_flops": int8, "image_size": float(side)}
 
 
 def gemm_gflops(n: int = 2048, repeats: int = 5, threads: int | None = None) -> dict[str, Any]:

@@ -11,11 +11,12 @@ import onnx
 import pytest
 import torch
 
-from build_engines.efficientad.models import EfficientAD
+from build_engines.efficientad.models import EfficientAD, conv_flops
 from build_engines.efficientad.run import Calibration, save_calibration, save_model
 from build_engines.export import export_bundle
 from build_engines.onnx_ops import unsupported_ops
-from build_engines.quantize import calibration_images, quantize_merged
+from build_engines.bench import count_flops
+from build_engines.quantize import calibration_images, float_convs, quantize_merged
 from build_engines.synthetic import make_image
 from edgead.errors import ConfigError, DataError
 from edgead.preprocess import prepare_batch
@@ -54,6 +55,23 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"good": good, "run": run, "bundle": bundle}
 
 
+def _qdq_convs(model: onnx.ModelProto) -> set[str]:
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in dequantized}
+
+
+def test_float_convs_are_the_input_convs_and_the_autoencoder(setup: dict[str, Path]) -> None:
+    model = onnx.load(str(setup["bundle"] / "model_merged.onnx"))
+    keep = float_convs(model)
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 22 and len(keep) == 16 and len(set(keep)) == 16  # 14 autoencoder + first of teacher and student
+    assert {c for c in convs if "/autoencoder/" in c} <= set(keep)
+    assert {c for c in convs if c not in keep} == {f"/raw/{net}/{net}.{i}/Conv" for net in ("teacher", "student") for i in (3, 6, 8)}
+    assert float_convs(model, ()) == [n.name for n in model.graph.node if n.op_type == "Conv" and n.input[0] == "image"]
+    with pytest.raises(ConfigError, match="float module.*re-export"):
+        float_convs(model, ("decoder",))
+
+
 def test_bundle_has_int8_variant_for_onnxruntime(setup: dict[str, Path]) -> None:
     from edgead.bundle import load_bundle
 
@@ -61,16 +79,28 @@ def test_bundle_has_int8_variant_for_onnxruntime(setup: dict[str, Path]) -> None
     assert set(b.manifest.variants) == {"merged", "merged_int8"}
     model = onnx.load(str(b.onnx_path("merged_int8")))
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("Conv") == 22 and ops.count("QuantizeLinear") >= 22
+    assert ops.count("Conv") == 22
+    quantised = _qdq_convs(model)
+    assert quantised == set(n.name for n in model.graph.node if n.op_type == "Conv") - set(float_convs(onnx.load(str(b.onnx_path("merged")))))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     act_zp = {inits[n.input[2]].dtype for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
-    assert act_zp == {np.dtype(np.uint8)}  # U8 activations: ONNX Runtime fuses every conv on x86
+    assert act_zp == {np.dtype(np.uint8)}  # U8 activations: ONNX Runtime fuses every quantised conv on x86
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.optimized_model_filepath = str(setup["bundle"].parent / "opt.onnx")
     ort.InferenceSession(str(b.onnx_path("merged_int8")), opts, providers=["CPUExecutionProvider"])
     fused = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
-    assert fused.count("QLinearConv") == 22 and "Conv" not in fused
+    assert fused.count("QLinearConv") == 6 and fused.count("Conv") + fused.count("FusedConv") == 16, fused
+    flops = count_flops(b.onnx_path("merged_int8"))
+    model_t = EfficientAD("s", SIZE).eval()
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    bodies = 0
+    for net in (model_t.teacher, model_t.student):  # everything but the first conv of teacher and student
+        first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        bodies += conv_flops(net, x) - conv_flops(first, x)
+    assert flops["int8_conv_flops"] == pytest.approx(bodies, rel=1e-9)
+    assert flops["int8_conv_flops"] / flops["conv_flops"] > 0.8
+    assert count_flops(b.onnx_path("merged"))["int8_conv_flops"] == 0.0
 
 
 def test_tensorrt_target_is_symmetric_qdq(setup: dict[str, Path], tmp_path: Path) -> None:
@@ -80,8 +110,8 @@ def test_tensorrt_target_is_symmetric_qdq(setup: dict[str, Path], tmp_path: Path
     assert check_int8_graph(path) > 0
     model = onnx.load(str(path))
     ops = [n.op_type for n in model.graph.node]
-    n_conv = ops.count("Conv")
-    assert n_conv == 22 and ops.count("QuantizeLinear") >= n_conv and ops.count("DequantizeLinear") >= 2 * n_conv
+    n_int8 = len(_qdq_convs(model))
+    assert ops.count("Conv") == 22 and n_int8 == 6 and ops.count("QuantizeLinear") >= n_int8 and ops.count("DequantizeLinear") >= 2 * n_int8
     zero_points = {n.input[2] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2}
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     assert zero_points and all(np.all(inits[z] == 0) and inits[z].dtype == np.int8 for z in zero_points)  # TensorRT needs zero points of 0
@@ -102,8 +132,9 @@ def test_int8_scores_track_fp32(setup: dict[str, Path]) -> None:
     maps32, maps8 = f32[0][:, 0], i8[0][:, 0]
     assert not np.array_equal(maps32, maps8)  # really quantised
     per_image = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(maps32, maps8, strict=True)]
-    assert min(per_image) > 0.9, per_image
-    assert spearmanr(f32[1], i8[1])[0] > 0.8
+    # all-INT8 (input convs and autoencoder included) gave 0.65-0.85 on the real sets; float_convs gives > 0.999
+    assert min(per_image) > 0.999, per_image  # all-INT8 scored 0.993-0.998 on this test
+    assert spearmanr(f32[1], i8[1])[0] > 0.95
 
 
 def test_detector_runs_the_int8_variant(setup: dict[str, Path]) -> None:
