@@ -252,8 +252,18 @@ def run_bench(
         size = det.image_size
         frame = synthetic_frame(size)
         report["config"] = {
-            "bundle": str(bundle), "backend": det.backend, "precision": det.precision, "variant": det.variant, "device": det.device,
-            "image_size": size, "frame": list(frame.shape), "runs": runs, "warmup": warmup, "batch": batch, "batch_runs": batch_runs, "threads": threads,
+            "bundle": str(bundle),
+            "backend": det.backend,
+            "precision": det.precision,
+            "variant": det.variant,
+            "device": det.device,
+            "image_size": size,
+            "frame": list(frame.shape),
+            "runs": runs,
+            "warmup": warmup,
+            "batch": batch,
+            "batch_runs": batch_runs,
+            "threads": threads,
         }
         log.info("bench %s: %s %s %s, %d runs after %d warm-up", bundle, det.backend, det.variant, det.precision, runs, warmup)
         for _ in range(warmup):
@@ -307,7 +317,9 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  GEMM {r['gemm']['n']}^3: {r['gemm']['gflops']:.1f} GFLOP/s ({r['gemm']['engine']}); model at {100 * r['fraction_of_gemm']:.0f}% of it")
     tb = r.get("torch_baseline")
     if tb and "latency_ms" in tb:
-        lines.append(f"  torch eager FP32: p50 {tb['latency_ms']['p50']:.2f} ms, {tb['throughput_ips']:.2f} images/s -> speed-up x{r['speedup_vs_torch']['throughput']:.2f} (throughput)")
+        lines.append(
+            f"  torch eager FP32: p50 {tb['latency_ms']['p50']:.2f} ms, {tb['throughput_ips']:.2f} images/s -> speed-up x{r['speedup_vs_torch']['throughput']:.2f} (throughput)"
+        )
     lines.append(f"  load average: start {r['machine']['load_average']}, end {r['machine'].get('load_average_end')}")
     return "\n".join(lines)
 
@@ -330,8 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the full report here")
     args = parser.parse_args(argv)
     report = run_bench(
-        args.bundle, backend=args.backend, variant=args.variant, precision=args.precision, runs=args.runs, warmup=args.warmup, batch=args.batch,
-        batch_runs=args.batch_runs, threads=args.threads, torch_baseline=args.torch_baseline, torch_runs=args.torch_runs, gemm=not args.no_gemm,
+        args.bundle,
+        backend=args.backend,
+        variant=args.variant,
+        precision=args.precision,
+        runs=args.runs,
+        warmup=args.warmup,
+        batch=args.batch,
+        batch_runs=args.batch_runs,
+        threads=args.threads,
+        torch_baseline=args.torch_baseline,
+        torch_runs=args.torch_runs,
+        gemm=not args.no_gemm,
     )
     print(format_report(report))
     if args.json is not None:

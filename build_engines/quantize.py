@@ -64,7 +64,14 @@ def float_convs(model: Any, modules: Sequence[str] = FLOAT_MODULES) -> list[str]
     for module in modules:
         found = [n.name for n in convs if f"/{module}/" in n.name and n.name not in keep]
         if not found and not any(f"/{module}/" in name for name in keep):
-            raise ConfigError(message("float module", repr(module), "a sub-network of the exported graph (node names /raw/<module>/...)", "re-export the bundle with this edgead version"))
+            raise ConfigError(
+                message(
+                    "float module",
+                    repr(module),
+                    "a sub-network of the exported graph (node names /raw/<module>/...)",
+                    "re-export the bundle with this edgead version",
+                )
+            )
         keep += found
     return keep
 
@@ -76,7 +83,11 @@ def calibration_images(folder: str | Path, max_images: int = 64, seed: int = 0) 
         raise DataError(message("INT8 calibration folder", str(folder), "an existing folder of good images", "pass --int8-images DIR"))
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DataError(message("INT8 calibration folder", f"{folder} (no {'/'.join(IMAGE_SUFFIXES)} files)", "at least one good image", "point --int8-images at train/good"))
+        raise DataError(
+            message(
+                "INT8 calibration folder", f"{folder} (no {'/'.join(IMAGE_SUFFIXES)} files)", "at least one good image", "point --int8-images at train/good"
+            )
+        )
     if max_images < 1:
         raise ConfigError(message("max_images", max_images, "an integer >= 1", "pass --int8-max-images 64"))
     if len(files) > max_images:
@@ -96,7 +107,9 @@ def _reader_base() -> type:
 class FolderCalibrationReader(_reader_base()):  # type: ignore[misc]
     """Feeds preprocessed good images, one per batch, to ONNX Runtime's calibrator."""
 
-    def __init__(self, files: Sequence[Path], image_size: int, input_name: str = "image", mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+    def __init__(
+        self, files: Sequence[Path], image_size: int, input_name: str = "image", mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    ) -> None:
         from edgead.datasets import read_image
 
         self._batches: list[dict[str, np.ndarray]] = []
@@ -169,7 +182,14 @@ def quantize_merged(
     )
     log.info(
         "quantised %s -> %s (INT8 QDQ for %s, %d calibration images, %s, %d convolutions kept float, %.1f MB) in %.1f s",
-        onnx_path.name, out_path, target, len(reader), method, len(keep_float), out_path.stat().st_size / 1e6, time.perf_counter() - t0,
+        onnx_path.name,
+        out_path,
+        target,
+        len(reader),
+        method,
+        len(keep_float),
+        out_path.stat().st_size / 1e6,
+        time.perf_counter() - t0,
     )
     return out_path
 

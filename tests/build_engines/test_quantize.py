@@ -11,11 +11,11 @@ import onnx
 import pytest
 import torch
 
+from build_engines.bench import count_flops
 from build_engines.efficientad.models import EfficientAD, conv_flops
 from build_engines.efficientad.run import Calibration, save_calibration, save_model
 from build_engines.export import export_bundle
 from build_engines.onnx_ops import unsupported_ops
-from build_engines.bench import count_flops
 from build_engines.quantize import calibration_images, float_convs, quantize_merged
 from build_engines.synthetic import make_image
 from edgead.errors import ConfigError, DataError
@@ -106,7 +106,9 @@ def test_bundle_has_int8_variant_for_onnxruntime(setup: dict[str, Path]) -> None
 def test_tensorrt_target_is_symmetric_qdq(setup: dict[str, Path], tmp_path: Path) -> None:
     from build_engines.trt_build import check_int8_graph
 
-    path = quantize_merged(setup["bundle"] / "model_merged.onnx", tmp_path / "trt_int8.onnx", setup["good"], SIZE, max_images=2, method="minmax", target="tensorrt")
+    path = quantize_merged(
+        setup["bundle"] / "model_merged.onnx", tmp_path / "trt_int8.onnx", setup["good"], SIZE, max_images=2, method="minmax", target="tensorrt"
+    )
     assert check_int8_graph(path) > 0
     model = onnx.load(str(path))
     ops = [n.op_type for n in model.graph.node]
@@ -125,7 +127,9 @@ def test_tensorrt_target_is_symmetric_qdq(setup: dict[str, Path], tmp_path: Path
 def test_int8_scores_track_fp32(setup: dict[str, Path]) -> None:
     from scipy.stats import spearmanr
 
-    frames = [make_image(100 + i, SIZE)[0] for i in range(4)] + [make_image(200 + i, SIZE, defect=d)[0] for i, d in enumerate(["scratch", "spot", "crack", "scratch"])]
+    frames = [make_image(100 + i, SIZE)[0] for i in range(4)] + [
+        make_image(200 + i, SIZE, defect=d)[0] for i, d in enumerate(["scratch", "spot", "crack", "scratch"])
+    ]
     x = prepare_batch(frames, SIZE)
     f32 = _session(setup["bundle"] / "model_merged.onnx").run(None, {"image": x})
     i8 = _session(setup["bundle"] / "model_merged_int8.onnx").run(None, {"image": x})
