@@ -134,16 +134,27 @@ def check_bindings(io: Sequence[TensorInfo], input_name: str, input_shape: tuple
 def batch_range(profile: Sequence[Sequence[int]], input_shape: tuple[int, int, int], engine_file: str, manifest_max_batch: int) -> tuple[int, int]:
     """(min, max) batch of optimisation profile 0, given as [min_shape, opt_shape, max_shape]."""
     if len(profile) != 3 or any(len(s) != 4 for s in profile):
-        raise BundleError(message(f"engine '{engine_file}' optimisation profile", [tuple(s) for s in profile], "min/opt/max NCHW shapes", "rebuild the engine with 'edgead build'"))
+        raise BundleError(
+            message(
+                f"engine '{engine_file}' optimisation profile", [tuple(s) for s in profile], "min/opt/max NCHW shapes", "rebuild the engine with 'edgead build'"
+            )
+        )
     lo, _, hi = (tuple(int(v) for v in s) for s in profile)
     for s in (lo, hi):
         if s[1:] != input_shape:
-            raise BundleError(message(f"engine '{engine_file}' profile shape", s, f"(N, {', '.join(map(str, input_shape))})", "rebuild the engine with 'edgead build'"))
+            raise BundleError(
+                message(f"engine '{engine_file}' profile shape", s, f"(N, {', '.join(map(str, input_shape))})", "rebuild the engine with 'edgead build'")
+            )
     if not 1 <= lo[0] <= hi[0]:
         raise BundleError(message(f"engine '{engine_file}' profile batch", (lo[0], hi[0]), "1 <= min <= max", "rebuild the engine with 'edgead build'"))
     if hi[0] != manifest_max_batch:
         raise BundleError(
-            message(f"engine '{engine_file}' max batch", f"{hi[0]} in the plan, {manifest_max_batch} in manifest.json", "the same value", "rebuild the engine with 'edgead build' (the manifest entry is stale)")
+            message(
+                f"engine '{engine_file}' max batch",
+                f"{hi[0]} in the plan, {manifest_max_batch} in manifest.json",
+                "the same value",
+                "rebuild the engine with 'edgead build' (the manifest entry is stale)",
+            )
         )
     return lo[0], hi[0]
 
@@ -174,7 +185,12 @@ def choose_engine(
         found = [e for e in found if e.precision == precision]
         if not found:
             cmd = rebuild_command(bundle.source or bundle.root, variant or "merged", precision)
-            text = message("TensorRT engine precision", f"no {precision} engine for this GPU", f"an engine with precision {precision}", f"run '{cmd}' or pass precision=None")
+            text = message(
+                "TensorRT engine precision",
+                f"no {precision} engine for this GPU",
+                f"an engine with precision {precision}",
+                f"run '{cmd}' or pass precision=None",
+            )
             if not allow_onnx_fallback:
                 raise BundleError(text)
             return None, text
@@ -185,7 +201,14 @@ def choose_engine(
     if not usable:
         text = "only a 'raw' engine matches and the CUDA post-processing library is not available"
         if variant == "raw" or not allow_onnx_fallback:
-            raise BundleError(message("TensorRT engine", text, "a 'merged' engine or the CUDA kernels", f"run '{rebuild_command(bundle.source or bundle.root, 'merged', found[0].precision)}' or build the kernels (make kernels)"))
+            raise BundleError(
+                message(
+                    "TensorRT engine",
+                    text,
+                    "a 'merged' engine or the CUDA kernels",
+                    f"run '{rebuild_command(bundle.source or bundle.root, 'merged', found[0].precision)}' or build the kernels (make kernels)",
+                )
+            )
         return None, text
     usable.sort(key=lambda e: (order.index(e.variant), _PRECISION_ORDER.index(e.precision)))
     best = usable[0]
@@ -208,7 +231,14 @@ class TensorRTBackend(Backend):
         import tensorrt as trt
 
         if engine.variant == "raw" and kernels is None:  # before anything is allocated
-            raise BundleError(message("TensorRT raw engine", "no CUDA post-processing library", "edgead.kernels CUDA build", "use a merged engine or build the kernels (make kernels)"))
+            raise BundleError(
+                message(
+                    "TensorRT raw engine",
+                    "no CUDA post-processing library",
+                    "edgead.kernels CUDA build",
+                    "use a merged engine or build the kernels (make kernels)",
+                )
+            )
         cuda.set_device(device)
         manifest = bundle.manifest
         size = manifest.input.image_size
@@ -232,44 +262,53 @@ class TensorRTBackend(Backend):
         profile = self._engine.get_tensor_profile_shape(manifest.input.name, 0)
         self.min_batch, max_batch = batch_range([_dims(s) for s in profile], input_shape, engine.file, engine.max_batch)
         self._context: trt.IExecutionContext = self._engine.create_execution_context()
-        self._stream = cuda.Stream()
-        info = cuda.device_info(device)
-        self._kernels = kernels if engine.variant == "raw" else None
-        output_names = VARIANT_OUTPUTS["merged"] if engine.variant == "raw" else VARIANT_OUTPUTS[engine.variant]
-        super().__init__(
-            variant=engine.variant,
-            precision=engine.precision,
-            input_name=manifest.input.name,
-            input_shape=input_shape,
-            output_names=output_names,
-            max_batch=max_batch,
-            device=f"GPU {device} {info.name} (sm {info.compute_capability}) via TensorRT {trt.__version__}",
-        )
-        # buffers for the max batch: shapes from the context with the max input shape set
-        if not self._context.set_input_shape(self.input_name, (max_batch, *input_shape)):
-            raise BackendError(message("TensorRT set_input_shape", (max_batch, *input_shape), "a shape inside the profile", "rebuild the engine with 'edgead build'"))
-        self._io = {t.name: t for t in io}
+        # everything allocated from here on is released if a later step fails (no leaked stream or buffers)
+        self._graphs: dict[int, Any] = {}
         self._host: dict[str, cuda.PinnedBuffer] = {}
         self._dev: dict[str, cuda.DeviceBuffer] = {}
-        self._out_shapes: dict[str, tuple[int, ...]] = {}
-        for t in io:
-            shape = (max_batch, *input_shape) if t.is_input else _dims(self._context.get_tensor_shape(t.name))
-            self._out_shapes[t.name] = shape
-            self._dev[t.name] = cuda.DeviceBuffer(int(np.prod(shape)) * t.dtype.itemsize)
-            self._context.set_tensor_address(t.name, self._dev[t.name].ptr)
-            if t.is_input or self._kernels is None:
-                self._host[t.name] = cuda.PinnedBuffer(shape, t.dtype)
-        if self._kernels is not None:
-            _, c, h, w = self._out_shapes["teacher"]
-            p = manifest.post.pad
-            self._pp_shape = (h + 2 * p, w + 2 * p)
-            for name, shape in (("anomaly_map", (max_batch, 1, *self._pp_shape)), ("score", (max_batch,))):
-                self._dev[name] = cuda.DeviceBuffer(int(np.prod(shape)) * 4)
-                self._host[name] = cuda.PinnedBuffer(shape, "float32")
-        self._post = manifest.post
-        self._use_graph = cuda_graph
-        self._graphs: dict[int, Any] = {}
-        log.info("TensorRT backend ready: %s, batch %d..%d%s", engine.file, self.min_batch, max_batch, ", CUDA post-processing" if self._kernels is not None else "")
+        self._stream = cuda.Stream()
+        try:
+            info = cuda.device_info(device)
+            self._kernels = kernels if engine.variant == "raw" else None
+            output_names = VARIANT_OUTPUTS["merged"] if engine.variant == "raw" else VARIANT_OUTPUTS[engine.variant]
+            super().__init__(
+                variant=engine.variant,
+                precision=engine.precision,
+                input_name=manifest.input.name,
+                input_shape=input_shape,
+                output_names=output_names,
+                max_batch=max_batch,
+                device=f"GPU {device} {info.name} (sm {info.compute_capability}) via TensorRT {trt.__version__}",
+            )
+            # buffers for the max batch: shapes from the context with the max input shape set
+            if not self._context.set_input_shape(self.input_name, (max_batch, *input_shape)):
+                raise BackendError(
+                    message("TensorRT set_input_shape", (max_batch, *input_shape), "a shape inside the profile", "rebuild the engine with 'edgead build'")
+                )
+            self._io = {t.name: t for t in io}
+            self._out_shapes: dict[str, tuple[int, ...]] = {}
+            for t in io:
+                shape = (max_batch, *input_shape) if t.is_input else _dims(self._context.get_tensor_shape(t.name))
+                self._out_shapes[t.name] = shape
+                self._dev[t.name] = cuda.DeviceBuffer(int(np.prod(shape)) * t.dtype.itemsize)
+                self._context.set_tensor_address(t.name, self._dev[t.name].ptr)
+                if t.is_input or self._kernels is None:
+                    self._host[t.name] = cuda.PinnedBuffer(shape, t.dtype)
+            if self._kernels is not None:
+                _, c, h, w = self._out_shapes["teacher"]
+                p = manifest.post.pad
+                self._pp_shape = (h + 2 * p, w + 2 * p)
+                for name, shape in (("anomaly_map", (max_batch, 1, *self._pp_shape)), ("score", (max_batch,))):
+                    self._dev[name] = cuda.DeviceBuffer(int(np.prod(shape)) * 4)
+                    self._host[name] = cuda.PinnedBuffer(shape, "float32")
+            self._post = manifest.post
+            self._use_graph = cuda_graph
+        except BaseException:
+            self._release()
+            raise
+        log.info(
+            "TensorRT backend ready: %s, batch %d..%d%s", engine.file, self.min_batch, max_batch, ", CUDA post-processing" if self._kernels is not None else ""
+        )
 
     @staticmethod
     def _tensor_info(engine: trt.ICudaEngine, name: str) -> TensorInfo:
@@ -281,7 +320,9 @@ class TensorRTBackend(Backend):
 
     def _enqueue(self, n: int) -> None:
         if not self._context.execute_async_v3(self._stream.handle):
-            raise BackendError(message("TensorRT execute_async_v3", "failed", "success", "check the TensorRT log above; rebuild the engine with 'edgead build'"))
+            raise BackendError(
+                message("TensorRT execute_async_v3", "failed", "success", "check the TensorRT log above; rebuild the engine with 'edgead build'")
+            )
         if self._kernels is not None:
             t, s, a = (self._dev[k].ptr for k in ("teacher", "student", "autoencoder"))
             _, c, h, w = self._out_shapes["teacher"]
@@ -289,8 +330,16 @@ class TensorRTBackend(Backend):
             from .. import kernels
 
             kernels.device_postprocess(
-                t, s, a, dtype=NP_DTYPES[self._io["teacher"].dtype], shape=(n, c, h, w), post=post,
-                map_out=self._dev["anomaly_map"].ptr, score_out=self._dev["score"].ptr, stream=self._stream.handle, library=self._kernels,
+                t,
+                s,
+                a,
+                dtype=NP_DTYPES[self._io["teacher"].dtype],
+                shape=(n, c, h, w),
+                post=post,
+                map_out=self._dev["anomaly_map"].ptr,
+                score_out=self._dev["score"].ptr,
+                stream=self._stream.handle,
+                library=self._kernels,
             )
 
     def _launch(self, n: int) -> None:
@@ -339,15 +388,22 @@ class TensorRTBackend(Backend):
             outputs[out] = self._host[out].array[:n].astype(np.float32, copy=True)
         return outputs
 
-    def _close(self) -> None:
-        rt = cuda.runtime()
-        for g in self._graphs.values():
-            rt.cudaGraphExecDestroy(g)
-        self._graphs.clear()
+    def _release(self) -> None:
+        """Free the CUDA graphs, buffers and stream (idempotent)."""
+        if self._graphs:
+            rt = cuda.runtime()
+            for g in self._graphs.values():
+                rt.cudaGraphExecDestroy(g)
+            self._graphs.clear()
         for buf in list(self._host.values()):
             buf.close()
         for dbuf in list(self._dev.values()):
             dbuf.close()
+        self._host.clear()
+        self._dev.clear()
         self._stream.close()
+
+    def _close(self) -> None:
+        self._release()
         del self._context
         del self._engine
