@@ -20,6 +20,7 @@ The full format reference is ``docs/bundle.md``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,10 +29,11 @@ import math
 import os
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +97,12 @@ def _keys(d: Mapping[str, Any], what: str, required: tuple[str, ...], optional: 
         raise _err(what, f"missing key(s) {missing}", f"keys {list(required)}")
     unknown = sorted(set(d) - set(required) - set(optional))
     if unknown:
-        raise _err(what, f"unknown key(s) {unknown}", f"only {list(required + optional)}", "re-export with the edgead version that reads this bundle, or upgrade edgead")
+        raise _err(
+            what,
+            f"unknown key(s) {unknown}",
+            f"only {list(required + optional)}",
+            "re-export with the edgead version that reads this bundle, or upgrade edgead",
+        )
 
 
 def _str(v: object, what: str) -> str:
@@ -158,7 +165,14 @@ class InputSpec:
     name: str = "image"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "color": self.color, "pixel_scale": self.pixel_scale, "mean": list(self.mean), "std": list(self.std), "name": self.name}
+        return {
+            "image_size": self.image_size,
+            "color": self.color,
+            "pixel_scale": self.pixel_scale,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "name": self.name,
+        }
 
     @classmethod
     def from_dict(cls, d: object) -> InputSpec:
@@ -169,7 +183,14 @@ class InputSpec:
             raise _err("input.color", repr(d["color"]), "'rgb' (the only model input order this release supports)")
         if d["pixel_scale"] != "dtype_max":
             raise _err("input.pixel_scale", repr(d["pixel_scale"]), "'dtype_max' (uint8 /255, uint16 /65535)")
-        return cls(size, _triple(d["mean"], "input.mean"), _triple(d["std"], "input.std", positive=True), "rgb", "dtype_max", _str(d.get("name", "image"), "input.name"))
+        return cls(
+            size,
+            _triple(d["mean"], "input.mean"),
+            _triple(d["std"], "input.std", positive=True),
+            "rgb",
+            "dtype_max",
+            _str(d.get("name", "image"), "input.name"),
+        )
 
 
 @dataclass(frozen=True)
@@ -416,11 +437,18 @@ class Manifest:
         _keys(d, "manifest", ("schema_version", "family", "size", "input", "variants", "postprocess", "threshold", "producer"), ("files", "engines"))
         family = d["family"]
         if family not in FAMILIES:
-            raise _err("family", repr(family), f"one of {list(FAMILIES)}", "this bundle is not an EdgeAD bundle or needs a newer edgead: pip install --upgrade edgead")
+            raise _err(
+                "family", repr(family), f"one of {list(FAMILIES)}", "this bundle is not an EdgeAD bundle or needs a newer edgead: pip install --upgrade edgead"
+            )
         spec = FAMILIES[family]
         if not spec.available:
             raise BundleError(
-                message("bundle model family", f"'{family}' (planned, not supported by this release)", "efficientad", "upgrade edgead (pip install --upgrade edgead) or export an efficientad bundle")
+                message(
+                    "bundle model family",
+                    f"'{family}' (planned, not supported by this release)",
+                    "efficientad",
+                    "upgrade edgead (pip install --upgrade edgead) or export an efficientad bundle",
+                )
             )
         size = d["size"]
         if size not in spec.sizes:
@@ -500,18 +528,36 @@ def write_bundle(out_dir: str | Path, manifest: Manifest, files: Mapping[str, st
         raise BundleError(message("bundle output", f"'{out}' is a file", "a directory path", "choose another --out path"))
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise BundleError(message("bundle output", f"'{out}' exists and is not empty", "a new or empty directory", "pass overwrite=True (--overwrite) or choose another path"))
+            raise BundleError(
+                message(
+                    "bundle output", f"'{out}' exists and is not empty", "a new or empty directory", "pass overwrite=True (--overwrite) or choose another path"
+                )
+            )
         if not (out / MANIFEST).is_file():
             # overwrite replaces the whole directory: only ever do that to a previous bundle, never to user files
             raise BundleError(
-                message("bundle output", f"'{out}' is not empty and holds no {MANIFEST} (not a bundle)", "a new or empty directory, or an existing bundle to replace", "choose another --out path")
+                message(
+                    "bundle output",
+                    f"'{out}' is not empty and holds no {MANIFEST} (not a bundle)",
+                    "a new or empty directory, or an existing bundle to replace",
+                    "choose another --out path",
+                )
             )
     if manifest.engines:
-        raise BundleError(message("write_bundle engines", f"{len(manifest.engines)} engine entries", "none", "write the bundle first, then call add_engine for each plan"))
+        raise BundleError(
+            message("write_bundle engines", f"{len(manifest.engines)} engine entries", "none", "write the bundle first, then call add_engine for each plan")
+        )
     names = {_file_name(n, "files") for n in files}
     needed = {v.file for v in manifest.variants.values()}
     if needed - names:
-        raise BundleError(message("write_bundle files", sorted(names), f"a source for every variant file {sorted(needed)}", "pass files={'<name>.onnx': path, ...} for each variant"))
+        raise BundleError(
+            message(
+                "write_bundle files",
+                sorted(names),
+                f"a source for every variant file {sorted(needed)}",
+                "pass files={'<name>.onnx': path, ...} for each variant",
+            )
+        )
     if MANIFEST in names:
         raise BundleError(message("write_bundle files", MANIFEST, "not 'manifest.json' (written by write_bundle)", "drop it from files"))
     for name, src in files.items():
@@ -547,18 +593,54 @@ def write_bundle(out_dir: str | Path, manifest: Manifest, files: Mapping[str, st
     return out
 
 
+LOCK_FILE = ".edgead.lock"
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """Hold an exclusive OS lock on ``directory/.edgead.lock`` (released by the OS if the process dies)."""
+    try:
+        handle = open(directory / LOCK_FILE, "a+b")  # noqa: SIM115 (closed below, after unlocking)
+    except OSError as exc:
+        raise BundleError(
+            message("bundle lock", f"{directory / LOCK_FILE}: {exc.strerror}", "a writable bundle directory", "check the directory's permissions")
+        ) from exc
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)  # retries for 10 s, then OSError
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # closing the handle releases the lock on both systems
+
+
 def add_engine(bundle_dir: str | Path, engine_path: str | Path, meta: EngineEntry) -> None:
     """Add (or replace) one TensorRT plan in a bundle directory and update manifest.json atomically.
+
+    Concurrent calls on one bundle (two ``edgead build`` runs) are serialised by a lock file, so
+    each sees the other's engine entry and none is lost.
 
     >>> add_engine("bundle", "merged.engine", EngineEntry("merged_fp16_sm90_trt10.13.0.engine", "merged", "fp16",
     ...            "10.13.0", "9.0", "NVIDIA H100", 8, "2026-11-23T10:00:00Z"))  # doctest: +SKIP
     """
-    bundle = load_bundle(bundle_dir)
-    root = bundle.root  # bundle_dir may also name the bundle's manifest.json
-    if bundle.archive is not None:
+    first = load_bundle(bundle_dir)
+    if first.archive is not None:
         raise BundleError(message("add_engine bundle", str(bundle_dir), "a bundle directory", "extract the .tar first, add the engine, then re-archive"))
+    with _exclusive(first.root):
+        _add_engine_locked(load_bundle(bundle_dir), engine_path, meta)  # re-read under the lock: another build may have added one
+
+
+def _add_engine_locked(bundle: Bundle, engine_path: str | Path, meta: EngineEntry) -> None:
+    root = bundle.root  # bundle_dir may also name the bundle's manifest.json
     if meta.variant not in bundle.manifest.variants:
-        raise BundleError(message("engine variant", meta.variant, f"one of the bundle's variants {sorted(bundle.manifest.variants)}", "build from a variant the bundle has"))
+        raise BundleError(
+            message("engine variant", meta.variant, f"one of the bundle's variants {sorted(bundle.manifest.variants)}", "build from a variant the bundle has")
+        )
     src = Path(engine_path)
     if not src.is_file():
         raise BundleError(message("engine file", str(src), "an existing TensorRT plan", "check the build step wrote it"))
@@ -573,7 +655,16 @@ def add_engine(bundle_dir: str | Path, engine_path: str | Path, meta: EngineEntr
     engines = [e for e in m.engines if e.file != meta.file] + [meta]
     new = dataclasses.replace(m, files=files, engines=engines)
     _write_json_atomic(root / MANIFEST, new.to_dict())
-    log.info("added engine %s (%s %s, sm %s, TensorRT %s, %.1f MiB) to %s", meta.file, meta.variant, meta.precision, meta.compute_capability, meta.tensorrt_version, dst.stat().st_size / 2**20, root)
+    log.info(
+        "added engine %s (%s %s, sm %s, TensorRT %s, %.1f MiB) to %s",
+        meta.file,
+        meta.variant,
+        meta.precision,
+        meta.compute_capability,
+        meta.tensorrt_version,
+        dst.stat().st_size / 2**20,
+        root,
+    )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -594,7 +685,12 @@ class Bundle:
     def onnx_path(self, variant: str) -> Path:
         if variant not in self.manifest.variants:
             raise BundleError(
-                message("bundle variant", repr(variant), f"one of {sorted(self.manifest.variants)}", "pass variant=None to let edgead pick, or re-export with that variant")
+                message(
+                    "bundle variant",
+                    repr(variant),
+                    f"one of {sorted(self.manifest.variants)}",
+                    "pass variant=None to let edgead pick, or re-export with that variant",
+                )
             )
         return self.path(self.manifest.variants[variant].file)
 
@@ -606,7 +702,9 @@ class Bundle:
         found = self.engines_for(platform, variant)
         if found:
             return found
-        have = [f"{e.file} ({e.variant} {e.precision}, sm {e.compute_capability}, TensorRT {e.tensorrt_version}, {e.device_name})" for e in self.manifest.engines]
+        have = [
+            f"{e.file} ({e.variant} {e.precision}, sm {e.compute_capability}, TensorRT {e.tensorrt_version}, {e.device_name})" for e in self.manifest.engines
+        ]
         v = variant or (self.manifest.engines[0].variant if self.manifest.engines else "merged")
         precision = next((e.precision for e in self.manifest.engines if e.variant == v), "fp16")
         cmd = rebuild_command(self.source or self.root, v, precision)
@@ -628,7 +726,12 @@ def _check_inside(root: Path, name: str) -> Path:
     real = p.resolve()
     if real != real_root and real_root not in real.parents:
         raise BundleError(
-            message(f"bundle file '{name}'", f"a link resolving to '{real}'", f"a file inside '{real_root}'", "replace the link with the real file or " + _FIX_REEXPORT)
+            message(
+                f"bundle file '{name}'",
+                f"a link resolving to '{real}'",
+                f"a file inside '{real_root}'",
+                "replace the link with the real file or " + _FIX_REEXPORT,
+            )
         )
     return p
 
@@ -644,7 +747,12 @@ def _extract_tar(tar_path: Path) -> Path:
             if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
                 shutil.rmtree(dest, ignore_errors=True)
                 raise BundleError(
-                    message(f"bundle archive member '{m.name}'", "an absolute path, '..', or a link", "plain files inside the archive", "re-create the archive with 'tar -cf bundle.tar -C BUNDLE .'")
+                    message(
+                        f"bundle archive member '{m.name}'",
+                        "an absolute path, '..', or a link",
+                        "plain files inside the archive",
+                        "re-create the archive with 'tar -cf bundle.tar -C BUNDLE .'",
+                    )
                 )
         if hasattr(tarfile, "data_filter"):
             tar.extractall(dest, members=members, filter="data")
@@ -670,7 +778,11 @@ def load_bundle(path: str | Path, *, platform: Platform | None = None, allow_onn
     """
     src = Path(path)
     if not src.exists():
-        raise BundleError(message("bundle", f"'{src}' does not exist", "a bundle directory or .tar", "check the path, or create one with 'edgead export RUN_DIR --out BUNDLE'"))
+        raise BundleError(
+            message(
+                "bundle", f"'{src}' does not exist", "a bundle directory or .tar", "check the path, or create one with 'edgead export RUN_DIR --out BUNDLE'"
+            )
+        )
     archive: Path | None = None
     if src.is_file() and src.name == MANIFEST:
         root = src.parent
@@ -683,11 +795,17 @@ def load_bundle(path: str | Path, *, platform: Platform | None = None, allow_onn
         root = src
     mpath = root / MANIFEST
     if not mpath.is_file():
-        raise BundleError(message("bundle", f"no {MANIFEST} in '{src}'", "a directory written by 'edgead export'", "point at the bundle directory (the one holding manifest.json)"))
+        raise BundleError(
+            message(
+                "bundle", f"no {MANIFEST} in '{src}'", "a directory written by 'edgead export'", "point at the bundle directory (the one holding manifest.json)"
+            )
+        )
     try:
         raw = json.loads(mpath.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(message(f"bundle {MANIFEST}", f"unparsable JSON ({exc})", "valid JSON", "restore the bundle from its source or " + _FIX_REEXPORT)) from exc
+        raise BundleError(
+            message(f"bundle {MANIFEST}", f"unparsable JSON ({exc})", "valid JSON", "restore the bundle from its source or " + _FIX_REEXPORT)
+        ) from exc
     manifest = Manifest.from_dict(raw)
     listed = set(manifest.files)
     for variant, v in manifest.variants.items():
@@ -697,13 +815,22 @@ def load_bundle(path: str | Path, *, platform: Platform | None = None, allow_onn
         if e.file not in listed:
             raise _err("engines[].file", repr(e.file), "a file listed in 'files' with its sha256", "re-add the engine with 'edgead build'")
         if e.variant not in manifest.variants:
-            raise _err("engines[].variant", repr(e.variant), f"one of the bundle's variants {sorted(manifest.variants)}", "rebuild the engine with 'edgead build'")
+            raise _err(
+                "engines[].variant", repr(e.variant), f"one of the bundle's variants {sorted(manifest.variants)}", "rebuild the engine with 'edgead build'"
+            )
     for name, entry in manifest.files.items():
         p = root / name
         if p.is_symlink() or p.exists():
             _check_inside(root, name)
         if not p.is_file():
-            raise BundleError(message(f"bundle file '{name}'", "missing", f"a file in '{root}'", "copy the complete bundle directory (all files listed in manifest.json) or " + _FIX_REEXPORT))
+            raise BundleError(
+                message(
+                    f"bundle file '{name}'",
+                    "missing",
+                    f"a file in '{root}'",
+                    "copy the complete bundle directory (all files listed in manifest.json) or " + _FIX_REEXPORT,
+                )
+            )
         size = p.stat().st_size
         digest = sha256_file(p)
         if size != entry.bytes or digest != entry.sha256:

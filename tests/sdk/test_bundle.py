@@ -31,8 +31,16 @@ H100 = Platform("9.0", "10.13.0.35", "NVIDIA H100 80GB HBM3")
 
 
 def engine_meta(file: str = "merged_fp16_sm90_trt10.13.0.engine", **kw: Any) -> EngineEntry:
-    base = dict(file=file, variant="merged", precision="fp16", tensorrt_version="10.13.0", compute_capability="9.0",
-                device_name="NVIDIA H100 80GB HBM3", max_batch=8, built_at="2026-11-23T10:00:00Z")
+    base = dict(
+        file=file,
+        variant="merged",
+        precision="fp16",
+        tensorrt_version="10.13.0",
+        compute_capability="9.0",
+        device_name="NVIDIA H100 80GB HBM3",
+        max_batch=8,
+        built_at="2026-11-23T10:00:00Z",
+    )
     base.update(kw)
     return EngineEntry(**base)  # type: ignore[arg-type]
 
@@ -121,6 +129,20 @@ def test_add_engine_and_platform_checks(tmp_path: Path, bundle: Path, caplog: py
         b = load_bundle(bundle, platform=other_gpu, allow_onnx_fallback=True)
     assert b.engines_for(other_gpu) == []
     assert any("allow_onnx_fallback=True" in r.getMessage() for r in caplog.records)
+
+
+def test_concurrent_add_engine_loses_no_entry(tmp_path: Path, bundle: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    plans = []
+    for i in range(6):
+        plans.append(tmp_path / f"plan{i}.engine")
+        plans[-1].write_bytes(bytes([i]) * 4096)
+    with ThreadPoolExecutor(6) as pool:  # six `edgead build` runs finishing at once
+        list(pool.map(lambda i: add_engine(bundle, plans[i], engine_meta(f"merged_fp16_sm90_trt10.13.0_{i}.engine")), range(6)))
+    b = load_bundle(bundle)
+    assert sorted(e.file for e in b.manifest.engines) == sorted(f"merged_fp16_sm90_trt10.13.0_{i}.engine" for i in range(6))
+    assert all(b.manifest.files[e.file].sha256 == sha256_file(plans[int(e.file[-8])]) for e in b.manifest.engines)
 
 
 def test_add_engine_refusals(tmp_path: Path, bundle: Path) -> None:
