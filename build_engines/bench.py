@@ -12,6 +12,7 @@ Measured in one run, on the same machine state:
     edgead bench BUNDLE [--backend auto|onnxruntime|tensorrt] [--variant V] [--precision P]
                         [--runs 100] [--warmup 10] [--batch 16] [--threads N]
                         [--torch-baseline RUN_DIR] [--json OUT]
+    edgead bench BUNDLE --precision fp32,int8 ...   # both in one run, against one baseline and one GEMM
 
 >>> report = run_bench("demo_out/bundle", runs=100, batch=16, threads=2)  # doctest: +SKIP
 >>> report["latency_ms"]["p50"]  # doctest: +SKIP
@@ -34,7 +35,7 @@ import numpy as np
 from edgead.errors import ConfigError, message
 from edgead.registry import BACKENDS, check_choice
 
-__all__ = ["percentiles", "count_flops", "gemm_gflops", "synthetic_frame", "machine_info", "run_bench", "format_report", "main"]
+__all__ = ["percentiles", "count_flops", "gemm_gflops", "synthetic_frame", "machine_info", "run_bench", "run_comparison", "format_report", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,8 @@ def run_bench(
         report["latency_ms"] = percentiles(lat)
         report["stages_ms_p50"] = {k: float(np.nanmedian(v)) for k, v in stages.items()}
         frames = [synthetic_frame(size, seed=i) for i in range(batch)]
-        det.infer_batch(frames)
+        for _ in range(max(1, min(warmup, 2))):  # the first large batch also grows ONNX Runtime's memory arena
+            det.infer_batch(frames)
         t0 = time.perf_counter()
         for _ in range(batch_runs):
             det.infer_batch(frames)
@@ -288,19 +290,68 @@ def run_bench(
     flops = count_flops(onnx_path, size)
     report["model_flops"] = flops
     report["achieved_gflops"] = flops["total_flops"] * report["throughput_ips"] / 1e9
-    if torch_baseline is not None:
-        try:
-            report["torch_baseline"] = _torch_baseline(Path(torch_baseline), frame, torch_runs or min(runs, 20), min(warmup, 2), batch, batch_runs, threads)
+    baseline = _baseline(torch_baseline, frame, torch_runs or min(runs, 20), min(warmup, 2), batch, batch_runs, threads)
+    _relate(report, baseline, gemm_gflops(threads=threads) if gemm else None)
+    report["machine"]["load_average_end"] = _load_average()
+    return report
+
+
+def _load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _baseline(run_dir: str | Path | None, frame: np.ndarray, runs: int, warmup: int, batch: int, batch_runs: int, threads: int | None) -> dict[str, Any] | None:
+    if run_dir is None:
+        return None
+    try:
+        return _torch_baseline(Path(run_dir), frame, runs, warmup, batch, batch_runs, threads)
+    except ImportError as exc:
+        return {"skipped": f"torch not importable: {exc}"}
+
+
+def _relate(report: dict[str, Any], baseline: dict[str, Any] | None, gemm: dict[str, Any] | None) -> None:
+    """Add the torch baseline / GEMM (measured in the same run) and the ratios against them to a report."""
+    if baseline is not None:
+        report["torch_baseline"] = baseline
+        if "latency_ms" in baseline:
             report["speedup_vs_torch"] = {
-                "latency_p50": report["torch_baseline"]["latency_ms"]["p50"] / report["latency_ms"]["p50"],
-                "throughput": report["throughput_ips"] / report["torch_baseline"]["throughput_ips"],
+                "latency_p50": baseline["latency_ms"]["p50"] / report["latency_ms"]["p50"],
+                "throughput": report["throughput_ips"] / baseline["throughput_ips"],
             }
-        except ImportError as exc:
-            report["torch_baseline"] = {"skipped": f"torch not importable: {exc}"}
-    if gemm:
-        report["gemm"] = gemm_gflops(threads=threads)
-        report["fraction_of_gemm"] = report["achieved_gflops"] / report["gemm"]["gflops"]
-    report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if gemm is not None:
+        report["gemm"] = gemm
+        report["fraction_of_gemm"] = report["achieved_gflops"] / gemm["gflops"]
+
+
+def run_comparison(bundle: str | Path, precisions: list[str], *, torch_baseline: str | Path | None = None, gemm: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """Several precisions of one bundle benchmarked in one process, one after the other, then set against
+    one PyTorch baseline and one GEMM measured in the same run (``kwargs``: those of ``run_bench``).
+
+    >>> r = run_comparison("bundle", ["fp32", "int8"], threads=2, torch_baseline="run")  # doctest: +SKIP
+    >>> r["results"]["int8"]["speedup_vs_torch"]["throughput"]  # doctest: +SKIP
+    """
+    from edgead.registry import PRECISIONS
+
+    if not precisions or len(set(precisions)) != len(precisions):
+        raise ConfigError(message("precisions to compare", precisions, f"distinct values of {', '.join(PRECISIONS)}", "pass e.g. --precision fp32,int8"))
+    report: dict[str, Any] = {"machine": machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "compare": list(precisions)}
+    results = {p: run_bench(bundle, precision=check_choice("precision", p, PRECISIONS), torch_baseline=None, gemm=False, **kwargs) for p in precisions}
+    first = next(iter(results.values()))
+    c = first["config"]
+    baseline = _baseline(
+        torch_baseline,
+        synthetic_frame(c["image_size"]),
+        kwargs.get("torch_runs") or min(c["runs"], 20),
+        min(c["warmup"], 2),
+        c["batch"],
+        c["batch_runs"],
+        c["threads"],
+    )
+    gemm_report = gemm_gflops(threads=c["threads"]) if gemm else None
+    for r in results.values():
+        _relate(r, baseline, gemm_report)
+    report["results"] = results
+    report["machine"]["load_average_end"] = _load_average()
     return report
 
 
@@ -313,6 +364,8 @@ def format_report(r: dict[str, Any]) -> str:
         "  stages p50 (ms): " + "  ".join(f"{k} {v:.2f}" for k, v in r["stages_ms_p50"].items()),
         f"  throughput b={c['batch']}: {r['throughput_ips']:.2f} images/s; model {r['model_flops']['total_flops'] / 1e9:.1f} GFLOP/img -> {r['achieved_gflops']:.1f} GFLOP/s",
     ]
+    if r["model_flops"].get("int8_conv_flops"):
+        lines[-1] += f" (FP32-equivalent; {100 * r['model_flops']['int8_conv_flops'] / r['model_flops']['conv_flops']:.0f}% of conv FLOPs in INT8)"
     if "gemm" in r:
         lines.append(f"  GEMM {r['gemm']['n']}^3: {r['gemm']['gflops']:.1f} GFLOP/s ({r['gemm']['engine']}); model at {100 * r['fraction_of_gemm']:.0f}% of it")
     tb = r.get("torch_baseline")
@@ -330,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--backend", default="auto", help="auto (default), onnxruntime or tensorrt")
     parser.add_argument("--variant", default=None, help="merged, raw or merged_int8 (default: the Detector's choice)")
-    parser.add_argument("--precision", default=None, help="fp32, fp16 or int8 (default: the Detector's choice)")
+    parser.add_argument("--precision", default=None, help="fp32, fp16 or int8 (default: the Detector's choice); a list (fp32,int8) compares them in one run")
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch", type=int, default=16)
@@ -341,23 +394,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-gemm", action="store_true", help="skip the GEMM ceiling measurement")
     parser.add_argument("--json", type=Path, default=None, help="write the full report here")
     args = parser.parse_args(argv)
-    report = run_bench(
-        args.bundle,
-        backend=args.backend,
-        variant=args.variant,
-        precision=args.precision,
-        runs=args.runs,
-        warmup=args.warmup,
-        batch=args.batch,
-        batch_runs=args.batch_runs,
-        threads=args.threads,
-        torch_baseline=args.torch_baseline,
-        torch_runs=args.torch_runs,
-        gemm=not args.no_gemm,
-    )
-    print(format_report(report))
+    common: dict[str, Any] = {
+        "backend": args.backend,
+        "variant": args.variant,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "batch": args.batch,
+        "batch_runs": args.batch_runs,
+        "threads": args.threads,
+        "torch_baseline": args.torch_baseline,
+        "torch_runs": args.torch_runs,
+        "gemm": not args.no_gemm,
+    }
+    if args.precision is not None and "," in args.precision:
+        report = run_comparison(args.bundle, [p.strip() for p in args.precision.split(",")], **common)
+        print("\n".join(format_report(r) for r in report["results"].values()))
+    else:
+        report = run_bench(args.bundle, precision=args.precision, **common)
+        print(format_report(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
         print(f"report: {args.json}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -13,6 +14,7 @@ from build_engines.bench import count_flops, gemm_gflops, main, percentiles, run
 from build_engines.efficientad.models import EfficientAD, conv_flops
 from build_engines.efficientad.run import Calibration, save_calibration, save_model
 from build_engines.export import export_bundle
+from build_engines.synthetic import make_image
 from edgead.errors import ConfigError
 from edgead.postprocess import EfficientADPost, QuantileAffine
 
@@ -30,7 +32,11 @@ def run_and_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     save_model(EfficientAD("s", SIZE).eval(), run)
     save_calibration(Calibration(0.8, 2.5, 0.3, 1.1, 0.5, "hand-set", 0), run)
     (run / "config.json").write_text(json.dumps({"image_size": SIZE}))
-    return run, export_bundle(run, root / "bundle", variants=("merged",))
+    good = root / "good"
+    good.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(good / f"{i}.png"), make_image(i, SIZE)[0])
+    return run, export_bundle(run, root / "bundle", variants=("merged",), int8_calibration=good, int8_images=3)
 
 
 def test_percentiles() -> None:
@@ -59,8 +65,32 @@ def test_gemm_rate_is_positive_and_consistent() -> None:
 def test_run_bench_report(run_and_bundle: tuple[Path, Path], tmp_path: Path) -> None:
     run, bundle = run_and_bundle
     out = tmp_path / "bench.json"
-    assert main([str(bundle), "--backend", "onnxruntime", "--runs", "5", "--warmup", "1", "--batch", "2", "--batch-runs", "1", "--threads", "1",
-                 "--torch-baseline", str(run), "--torch-runs", "2", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                str(bundle),
+                "--backend",
+                "onnxruntime",
+                "--runs",
+                "5",
+                "--warmup",
+                "1",
+                "--batch",
+                "2",
+                "--batch-runs",
+                "1",
+                "--threads",
+                "1",
+                "--torch-baseline",
+                str(run),
+                "--torch-runs",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
     lat = r["latency_ms"]
     assert lat["n"] == 5 and lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
@@ -74,7 +104,58 @@ def test_run_bench_report(run_and_bundle: tuple[Path, Path], tmp_path: Path) -> 
     assert r["machine"]["versions"]["onnxruntime"]
 
 
-@pytest.mark.parametrize(("kwargs", "needle"), [({"runs": 0}, "runs"), ({"batch": -1}, "batch"), ({"warmup": -1}, "warmup"), ({"backend": "cuda"}, "backend"), ({"threads": 0}, "threads")])
+def test_compare_precisions_in_one_run(run_and_bundle: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run, bundle = run_and_bundle
+    out = tmp_path / "cmp.json"
+    assert (
+        main(
+            [
+                str(bundle),
+                "--backend",
+                "onnxruntime",
+                "--precision",
+                "fp32,int8",
+                "--runs",
+                "3",
+                "--warmup",
+                "1",
+                "--batch",
+                "2",
+                "--batch-runs",
+                "1",
+                "--threads",
+                "1",
+                "--torch-baseline",
+                str(run),
+                "--torch-runs",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    r = json.loads(out.read_text())
+    assert r["compare"] == ["fp32", "int8"] and list(r["results"]) == ["fp32", "int8"]
+    fp32, int8 = r["results"]["fp32"], r["results"]["int8"]
+    assert (fp32["config"]["variant"], int8["config"]["variant"]) == ("merged", "merged_int8")
+    assert fp32["model_flops"]["int8_conv_flops"] == 0 and int8["model_flops"]["int8_conv_flops"] > 0
+    # one baseline and one GEMM, shared: the ratios of both precisions are against the same numbers
+    assert fp32["torch_baseline"] == int8["torch_baseline"] and fp32["gemm"] == int8["gemm"]
+    for res in (fp32, int8):
+        assert res["speedup_vs_torch"]["throughput"] == pytest.approx(res["throughput_ips"] / res["torch_baseline"]["throughput_ips"])
+        assert res["fraction_of_gemm"] == pytest.approx(res["achieved_gflops"] / res["gemm"]["gflops"])
+    assert "% of conv FLOPs in INT8" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="precisions to compare"):
+        main([str(bundle), "--precision", "fp32,fp32"])
+    with pytest.raises(ConfigError, match="precision"):
+        main([str(bundle), "--precision", "fp32,int4"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [({"runs": 0}, "runs"), ({"batch": -1}, "batch"), ({"warmup": -1}, "warmup"), ({"backend": "cuda"}, "backend"), ({"threads": 0}, "threads")],
+)
 def test_run_bench_refuses_bad_arguments(run_and_bundle: tuple[Path, Path], kwargs: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         run_bench(run_and_bundle[1], gemm=False, **kwargs)  # type: ignore[arg-type]
