@@ -48,7 +48,7 @@ demo: venv
 	$(VENV)/bin/edgead demo --out demo_out
 
 bench: venv
-	$(VENV)/bin/edgead bench demo_out/bundle --torch-baseline demo_out/run --json bench_out/bench.json
+	$(VENV)/bin/edgead bench demo_out/bundle --precision fp32,int8 --torch-baseline demo_out/run --json bench_out/bench.json
 
 clean:
 	rm -rf $(BUILD) demo_out bench_out

@@ -149,7 +149,7 @@ def _export_and_detect(run_dir: Path, bundle_dir: Path, dataset: Any, result: di
     if (bundle_dir / "manifest.json").is_file():
         print(f"reusing the bundle {bundle_dir}")
     else:
-        export_bundle(run_dir, bundle_dir)
+        export_bundle(run_dir, bundle_dir, int8_calibration="train")  # + merged_int8 for the CPU (make bench compares both)
         print(f"bundle written to {bundle_dir}")
     picks = [s for s in dataset.test if s.label == 0][: frames // 2] + [s for s in dataset.test if s.label == 1][: frames - frames // 2]
     torch_scores = {r["path"]: r["score"] for r in result["scores"]}

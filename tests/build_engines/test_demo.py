@@ -61,7 +61,8 @@ def test_demo_cli_errors(tmp_path: Path) -> None:
 def test_demo_exports_and_detector_agrees_with_torch(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     summary = run_demo(tmp_path / "demo", steps=2, teacher="random", device="cpu", data=TINY, export=True, frames=2)
-    assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
+    manifest = json.loads((tmp_path / "demo" / "bundle" / "manifest.json").read_text())
+    assert set(manifest["variants"]) == {"merged", "raw", "merged_int8"}  # INT8 calibrated on the demo's train/good, for make bench
     assert len(summary["detector"]) == 2
     for row in summary["detector"]:
         assert row["score"] == pytest.approx(row["torch_score"], rel=1e-4, abs=1e-5)
