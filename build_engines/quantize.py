@@ -1,6 +1,6 @@
 """INT8 static quantisation of the merged graph (ONNX Runtime, QDQ format).
 
-Weights: per-channel symmetric INT8. Activations: per-tensor INT8, calibrated on good images
+Weights: per-channel symmetric INT8. Activations: per-tensor INT8, min/max-calibrated on good images
 (the run's training folder by default) read and preprocessed exactly as at run time
 (``edgead.datasets.read_image`` + ``edgead.preprocess.prepare``). Only convolutions are
 quantised, and not all of them (``float_convs``); measured on the real sets (docs/benchmarks.md):
@@ -13,7 +13,9 @@ quantised, and not all of them (``float_convs``); measured on the real sets (doc
 - the autoencoder stays FP32: its reconstruction error (the global map) lost up to 1 AUROC point
   in INT8, for about 4 % of the speed.
 
-INT8 thus covers the teacher's and student's bodies, about 90 % of the FLOPs.
+INT8 thus covers the teacher's and student's bodies, about 90 % of the FLOPs. Min/max calibration is the
+default because it reproduced the FP32 scores at least as closely as the 99.999th percentile on all three
+real sets (mean score error 0.6-1.2 % of the score spread against 0.6-2.7 %).
 
 Two activation schemes (``target``):
 
@@ -136,7 +138,7 @@ def quantize_merged(
     image_size: int,
     *,
     max_images: int = 64,
-    method: str = "percentile",
+    method: str = "minmax",
     target: str = "onnxruntime",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
@@ -195,10 +197,12 @@ def quantize_merged(
 
 
 def compare_auroc(bundle: str | Path, dataset: str | Path, *, threads: int | None = None, max_images: int | None = None) -> dict[str, Any]:
-    """Image AUROC of the bundle's FP32 ``merged`` and INT8 ``merged_int8`` variants on a test set (ONNX Runtime).
+    """Image AUROC of the bundle's FP32 ``merged`` and INT8 ``merged_int8`` variants on a test set (ONNX Runtime),
+    and two label-free fidelity figures: the rank correlation of the INT8 and FP32 image scores, and their mean
+    absolute difference relative to the FP32 scores' standard deviation.
 
     >>> compare_auroc("bundles/line3", "/work/shared/data/ad/deeppcb")  # doctest: +SKIP
-    {'fp32': 0.97, 'int8': 0.968, 'delta_points': -0.2, 'n': 300}
+    {'n': 300, 'fp32': 0.97, 'int8': 0.968, 'delta_points': -0.2, 'score_rank_correlation': 0.998, 'score_error_rel': 0.01}
     """
     from edgead import Detector
     from edgead.datasets import open_dataset, read_image
@@ -210,14 +214,20 @@ def compare_auroc(bundle: str | Path, dataset: str | Path, *, threads: int | Non
         samples = [samples[i] for i in sorted(idx)]
     labels = [s.label for s in samples]
     out: dict[str, Any] = {"n": len(samples), "dataset": str(dataset)}
-    for name, precision in (("fp32", "fp32"), ("int8", "int8")):
+    scores: dict[str, np.ndarray] = {}
+    for precision in ("fp32", "int8"):
         with Detector(bundle, backend="onnxruntime", precision=precision, threads=threads) as det:
-            scores = []
+            got = []
             for s in samples:
                 frame = read_image(s.path)
-                scores.append(det.infer(frame, color="gray" if frame.ndim == 2 else "bgr", map_size="model").score)
-        out[name] = float(image_auroc(labels, scores))
+                got.append(det.infer(frame, color="gray" if frame.ndim == 2 else "bgr", map_size="model").score)
+        scores[precision] = np.asarray(got)
+        out[precision] = float(image_auroc(labels, got))
+    f32, i8 = scores["fp32"], scores["int8"]
     out["delta_points"] = 100.0 * (out["int8"] - out["fp32"])
+    # fidelity, independent of the labels: how closely INT8 reproduces the FP32 scores
+    out["score_rank_correlation"] = float(np.corrcoef(np.argsort(np.argsort(f32)), np.argsort(np.argsort(i8)))[0, 1])
+    out["score_error_rel"] = float(np.mean(np.abs(i8 - f32)) / max(float(np.std(f32)), 1e-12))
     return out
 
 

@@ -177,3 +177,4 @@ def test_compare_auroc_on_a_generated_set(setup: dict[str, Path], tmp_path: Path
     r = compare_auroc(setup["bundle"], data, threads=1)
     assert r["n"] >= 6 and 0.0 <= r["fp32"] <= 1.0 and 0.0 <= r["int8"] <= 1.0
     assert r["delta_points"] == pytest.approx(100 * (r["int8"] - r["fp32"]))
+    assert 0.9 < r["score_rank_correlation"] <= 1.0 and 0.0 < r["score_error_rel"] < 0.1
