@@ -676,6 +676,15 @@ class Bundle:
     manifest: Manifest
     archive: Path | None = None  # the .tar it was extracted from, if any
     source: Path | None = None  # what the user passed (for messages / rebuild commands)
+    scratch: Path | None = None  # the temporary directory a .tar was extracted to (removed by release())
+
+    def release(self) -> None:
+        """Remove the temporary extraction of a ``.tar`` bundle (no-op for a directory bundle).
+
+        ``Detector.close()`` calls this for bundles it loaded itself; otherwise it happens at exit.
+        """
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def path(self, name: str) -> Path:
         if name not in self.manifest.files:
@@ -736,7 +745,8 @@ def _check_inside(root: Path, name: str) -> Path:
     return p
 
 
-def _extract_tar(tar_path: Path) -> Path:
+def _extract_tar(tar_path: Path) -> tuple[Path, Path]:
+    """Extract a bundle archive to a new temporary directory; return (that directory, the bundle root in it)."""
     dest = Path(tempfile.mkdtemp(prefix="edgead-bundle-"))
     atexit.register(shutil.rmtree, dest, True)
     with tarfile.open(tar_path) as tar:
@@ -762,8 +772,8 @@ def _extract_tar(tar_path: Path) -> Path:
     if not (dest / MANIFEST).exists() and len(top) == 1:
         inner = dest / next(iter(top))
         if (inner / MANIFEST).exists():
-            return inner
-    return dest
+            return dest, inner
+    return dest, dest
 
 
 def load_bundle(path: str | Path, *, platform: Platform | None = None, allow_onnx_fallback: bool = False) -> Bundle:
@@ -783,16 +793,23 @@ def load_bundle(path: str | Path, *, platform: Platform | None = None, allow_onn
                 "bundle", f"'{src}' does not exist", "a bundle directory or .tar", "check the path, or create one with 'edgead export RUN_DIR --out BUNDLE'"
             )
         )
-    archive: Path | None = None
     if src.is_file() and src.name == MANIFEST:
-        root = src.parent
-    elif src.is_file() and tarfile.is_tarfile(src):
-        archive = src
-        root = _extract_tar(src)
-    elif src.is_file():
+        return _load_root(src.parent, src, platform, allow_onnx_fallback)
+    if src.is_file() and tarfile.is_tarfile(src):
+        scratch, root = _extract_tar(src)
+        try:
+            return _load_root(root, src, platform, allow_onnx_fallback, archive=src, scratch=scratch)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)  # a refused archive leaves nothing behind
+            raise
+    if src.is_file():
         raise BundleError(message("bundle", f"'{src}' is a file", "a bundle directory, its manifest.json, or a .tar", "pass the bundle directory"))
-    else:
-        root = src
+    return _load_root(src, src, platform, allow_onnx_fallback)
+
+
+def _load_root(
+    root: Path, src: Path, platform: Platform | None, allow_onnx_fallback: bool, *, archive: Path | None = None, scratch: Path | None = None
+) -> Bundle:
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise BundleError(
@@ -842,7 +859,7 @@ def load_bundle(path: str | Path, *, platform: Platform | None = None, allow_onn
                     "copy the bundle again from its source (do not edit files inside it) or " + _FIX_REEXPORT,
                 )
             )
-    bundle = Bundle(root, manifest, archive, src)
+    bundle = Bundle(root, manifest, archive, src, scratch)
     if platform is not None and manifest.engines:
         bundle.check_engines(platform, allow_onnx_fallback=allow_onnx_fallback)
     return bundle

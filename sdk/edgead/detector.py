@@ -96,6 +96,7 @@ class Detector:
         allow_onnx_fallback: bool = False,
         cuda_graph: bool = False,
     ) -> None:
+        self._owns_bundle = not isinstance(bundle, Bundle)  # then close() removes a .tar's temporary extraction
         self._bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         manifest = self._bundle.manifest
         requested = check_choice("backend", backend, BACKENDS)
@@ -128,14 +129,30 @@ class Detector:
     def _ort_variant(self, variant: str | None, precision: str | None) -> str:
         variants = self._bundle.manifest.variants
         if precision == "fp16":
-            raise ConfigError(message("precision", "'fp16' on ONNX Runtime", "fp32 or int8 (fp16 is a TensorRT engine precision)", "pass backend='tensorrt' or precision=None"))
+            raise ConfigError(
+                message(
+                    "precision", "'fp16' on ONNX Runtime", "fp32 or int8 (fp16 is a TensorRT engine precision)", "pass backend='tensorrt' or precision=None"
+                )
+            )
         if precision is not None and variant is not None and (variant == "merged_int8") != (precision == "int8"):
             raise ConfigError(
-                message("variant / precision", f"variant={variant!r} with precision={precision!r}", "int8 only with variant 'merged_int8' on ONNX Runtime", "pass only one of variant= and precision=")
+                message(
+                    "variant / precision",
+                    f"variant={variant!r} with precision={precision!r}",
+                    "int8 only with variant 'merged_int8' on ONNX Runtime",
+                    "pass only one of variant= and precision=",
+                )
             )
         if precision == "int8":
             if "merged_int8" not in variants:
-                raise ConfigError(message("precision", "'int8' on ONNX Runtime", "a bundle with the merged_int8 variant", "re-export with 'edgead export RUN --int8', or pass precision=None"))
+                raise ConfigError(
+                    message(
+                        "precision",
+                        "'int8' on ONNX Runtime",
+                        "a bundle with the merged_int8 variant",
+                        "re-export with 'edgead export RUN --int8', or pass precision=None",
+                    )
+                )
             return "merged_int8"
         if variant is not None:
             return variant
@@ -151,7 +168,14 @@ class Detector:
             return OnnxRuntimeBackend(bundle, self._ort_variant(variant, precision), threads=threads), "backend='onnxruntime' requested"
         ok, status = trt_backend.tensorrt_status(device)
         if requested == "tensorrt" and not ok:
-            raise BackendError(message("backend 'tensorrt'", status, "TensorRT 10, cuda-python and an NVIDIA GPU", "install 'edgead[tensorrt]' on a GPU machine, or pass backend='onnxruntime'"))
+            raise BackendError(
+                message(
+                    "backend 'tensorrt'",
+                    status,
+                    "TensorRT 10, cuda-python and an NVIDIA GPU",
+                    "install 'edgead[tensorrt]' on a GPU machine, or pass backend='onnxruntime'",
+                )
+            )
         if not ok:
             return OnnxRuntimeBackend(bundle, self._ort_variant(variant, precision), threads=threads), f"auto: ONNX Runtime because {status}"
         if requested == "auto" and not bundle.manifest.engines:
@@ -161,9 +185,13 @@ class Detector:
         lib, kernel_why = trt_backend.kernel_library()
         # auto never refuses for lack of an engine: it runs ONNX Runtime and says why (with the build command)
         fallback = allow_fallback or requested == "auto"
-        engine, why = trt_backend.choose_engine(bundle, platform, variant=variant, precision=precision, kernels_available=lib is not None, allow_onnx_fallback=fallback)
+        engine, why = trt_backend.choose_engine(
+            bundle, platform, variant=variant, precision=precision, kernels_available=lib is not None, allow_onnx_fallback=fallback
+        )
         if engine is None:
-            return OnnxRuntimeBackend(bundle, self._ort_variant(variant, None if precision == "fp16" else precision), threads=threads), f"{requested}: ONNX Runtime because {why}"
+            return OnnxRuntimeBackend(
+                bundle, self._ort_variant(variant, None if precision == "fp16" else precision), threads=threads
+            ), f"{requested}: ONNX Runtime because {why}"
         backend = trt_backend.TensorRTBackend(bundle, engine, device=device, kernels=lib if engine.variant == "raw" else None, cuda_graph=cuda_graph)
         return backend, f"{requested}: TensorRT with {why}; kernels: {kernel_why}"
 
@@ -269,7 +297,12 @@ class Detector:
             score = np.asarray(outputs["score"], np.float32).reshape(-1)
             if amap.ndim != 4 or amap.shape[:2] != (n, 1) or score.shape != (n,):
                 raise BackendError(
-                    message("model outputs", f"anomaly_map {amap.shape}, score {score.shape}", f"anomaly_map (N={n}, 1, h, w), score ({n},)", "re-export the bundle with 'edgead export'")
+                    message(
+                        "model outputs",
+                        f"anomaly_map {amap.shape}, score {score.shape}",
+                        f"anomaly_map (N={n}, 1, h, w), score ({n},)",
+                        "re-export the bundle with 'edgead export'",
+                    )
                 )
             return amap[:, 0], score
         maps, _ = efficientad_postprocess(outputs["teacher"], outputs["student"], outputs["autoencoder"], self._post)
@@ -277,9 +310,11 @@ class Detector:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Release the backend (sessions, CUDA streams and buffers); idempotent."""
+        """Release the backend (sessions, CUDA streams and buffers) and a ``.tar`` bundle's extraction; idempotent."""
         with self._lock:
             self._backend.close()
+            if self._owns_bundle:
+                self._bundle.release()
 
     def __enter__(self) -> Detector:
         return self

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,31 @@ def test_tar_archive(tmp_path: Path, bundle: Path) -> None:
     b = load_bundle(archive)
     assert b.archive == archive and b.manifest == load_bundle(bundle).manifest
     assert (b.root / "model_merged.onnx").is_file()
+    assert b.scratch is not None and b.root.is_relative_to(b.scratch)
+    b.release()
+    assert not b.scratch.exists()
+    load_bundle(bundle).release()  # a directory bundle: nothing to remove
+    assert (bundle / MANIFEST).is_file()
+
+
+def test_tar_extractions_are_removed(tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgead import Detector
+
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    archive = tmp_path / "bundle.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(bundle, arcname=".")
+    with Detector(archive, backend="onnxruntime", threads=1) as det:
+        assert len(list(scratch_root.iterdir())) == 1 and det.bundle.root.parent == scratch_root
+    assert list(scratch_root.iterdir()) == []  # close() removed the extraction
+    (bundle / "model_merged.onnx").write_bytes(b"altered")
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        tar.add(bundle, arcname="bundle")
+    refused(bad, "sha256")
+    assert list(scratch_root.iterdir()) == []  # a refused archive leaves nothing behind
 
 
 def test_tar_with_escaping_member_is_refused(tmp_path: Path, bundle: Path) -> None:
