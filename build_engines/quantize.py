@@ -21,7 +21,7 @@ Two activation schemes (``target``):
 
 - ``"onnxruntime"`` (default): unsigned 8-bit asymmetric activations (U8S8). ONNX Runtime on x86
   fuses every quantised convolution into QLinearConv with this scheme; with signed symmetric
-  activations it left 5 of 22 convolutions in FP32 (including the student's last, ~26 % of FLOPs).
+  activations it left some in FP32 (the student's last, ~26 % of the FLOPs, among them).
 - ``"tensorrt"``: signed symmetric activations (zero point 0), the only form TensorRT accepts
   (``edgead build --precision int8`` checks this).
 
