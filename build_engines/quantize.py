@@ -44,7 +44,17 @@ import numpy as np
 from edgead.errors import ConfigError, DataError, MissingDependencyError, message
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 
-__all__ = ["IMAGE_SUFFIXES", "FLOAT_MODULES", "calibration_images", "float_convs", "FolderCalibrationReader", "quantize_merged", "compare_auroc", "main"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "FLOAT_MODULES",
+    "calibration_images",
+    "float_convs",
+    "FolderCalibrationReader",
+    "quantize_merged",
+    "rank_correlation",
+    "compare_auroc",
+    "main",
+]
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +206,24 @@ def quantize_merged(
     return out_path
 
 
+def rank_correlation(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Spearman's rank correlation, tied values sharing their average rank (image scores tie, e.g. at 0).
+
+    >>> round(rank_correlation([0.0, 0.0, 1.0, 2.0], [0.0, 0.0, 2.0, 5.0]), 6)
+    1.0
+    """
+
+    def ranks(x: np.ndarray) -> np.ndarray:
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        _, inverse = np.unique(x, return_inverse=True)
+        return np.asarray((np.bincount(inverse, r) / np.bincount(inverse))[inverse])
+
+    ra, rb = ranks(np.asarray(a, dtype=float)), ranks(np.asarray(b, dtype=float))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def compare_auroc(bundle: str | Path, dataset: str | Path, *, threads: int | None = None, max_images: int | None = None) -> dict[str, Any]:
     """Image AUROC of the bundle's FP32 ``merged`` and INT8 ``merged_int8`` variants on a test set (ONNX Runtime),
     and two label-free fidelity figures: the rank correlation of the INT8 and FP32 image scores, and their mean
@@ -226,7 +254,7 @@ def compare_auroc(bundle: str | Path, dataset: str | Path, *, threads: int | Non
     f32, i8 = scores["fp32"], scores["int8"]
     out["delta_points"] = 100.0 * (out["int8"] - out["fp32"])
     # fidelity, independent of the labels: how closely INT8 reproduces the FP32 scores
-    out["score_rank_correlation"] = float(np.corrcoef(np.argsort(np.argsort(f32)), np.argsort(np.argsort(i8)))[0, 1])
+    out["score_rank_correlation"] = rank_correlation(f32, i8)
     out["score_error_rel"] = float(np.mean(np.abs(i8 - f32)) / max(float(np.std(f32)), 1e-12))
     return out
 

@@ -178,3 +178,16 @@ def test_compare_auroc_on_a_generated_set(setup: dict[str, Path], tmp_path: Path
     assert r["n"] >= 6 and 0.0 <= r["fp32"] <= 1.0 and 0.0 <= r["int8"] <= 1.0
     assert r["delta_points"] == pytest.approx(100 * (r["int8"] - r["fp32"]))
     assert 0.9 < r["score_rank_correlation"] <= 1.0 and 0.0 < r["score_error_rel"] < 0.1
+
+
+def test_rank_correlation_matches_scipy_with_ties() -> None:
+    from scipy.stats import spearmanr
+
+    from build_engines.quantize import rank_correlation
+
+    rng = np.random.default_rng(0)
+    a = np.where(rng.random(50) < 0.4, 0.0, rng.random(50))  # 40 % tied at 0, as padded score maps give
+    b = a + 0.01 * rng.standard_normal(50)
+    assert rank_correlation(a, b) == pytest.approx(spearmanr(a, b)[0], abs=1e-12)
+    assert rank_correlation(a, a) == pytest.approx(1.0)
+    assert rank_correlation(a, -a) == pytest.approx(-1.0)
