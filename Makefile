@@ -30,7 +30,7 @@ kernels:
 	cmake --build $(BUILD) -j $(JOBS)
 
 lint: venv
-	$(VENV)/bin/ruff check sdk build_engines tests samples
+	$(VENV)/bin/ruff check sdk build_engines tests samples scripts
 
 # TensorRT cannot be installed here: its calls are checked against tensorrt-stubs (see scripts/trt_stubs.py).
 typecheck: venv

@@ -152,10 +152,12 @@ def quantize_merged(
     target: str = "onnxruntime",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    keep_float: Sequence[str] | None = None,
 ) -> Path:
     """Write the INT8 (QDQ) version of a merged ONNX graph, calibrated on good images; return its path.
 
     ``images``: a folder (``max_images`` are sampled) or an explicit list of image files.
+    ``keep_float``: names of Conv nodes left in floating point (default: ``float_convs``).
     """
     from edgead.registry import check_choice
 
@@ -173,7 +175,7 @@ def quantize_merged(
     t0 = time.perf_counter()
     import onnx
 
-    keep_float = float_convs(onnx.load(str(onnx_path), load_external_data=False))
+    keep_float = list(float_convs(onnx.load(str(onnx_path), load_external_data=False)) if keep_float is None else keep_float)
     reader = FolderCalibrationReader(files, image_size, mean=mean, std=std)
     # float biases: TensorRT 10's DequantizeLinear takes INT8 only; symmetric activations for TensorRT (zero points 0)
     extra: dict[str, Any] = {"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False}
@@ -221,6 +223,8 @@ def rank_correlation(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
         return np.asarray((np.bincount(inverse, r) / np.bincount(inverse))[inverse])
 
     ra, rb = ranks(np.asarray(a, dtype=float)), ranks(np.asarray(b, dtype=float))
+    if np.ptp(ra) == 0 or np.ptp(rb) == 0:
+        return float("nan")  # undefined for constant scores
     return float(np.corrcoef(ra, rb)[0, 1])
 
 

@@ -191,3 +191,4 @@ def test_rank_correlation_matches_scipy_with_ties() -> None:
     assert rank_correlation(a, b) == pytest.approx(spearmanr(a, b)[0], abs=1e-12)
     assert rank_correlation(a, a) == pytest.approx(1.0)
     assert rank_correlation(a, -a) == pytest.approx(-1.0)
+    assert np.isnan(rank_correlation(np.zeros(5), a[:5]))  # undefined for constant scores
