@@ -10,10 +10,11 @@ quantised, and not all of them (``float_convs``); measured on the real sets (doc
 - the first convolution of every network (the ones reading the image) stays FP32: quantising the
   normalised image to 8 bits per tensor dropped the local map's correlation with FP32 to 0.65-0.85
   on the real sets (0.9999 without it), and a 3-channel input convolution gains nothing from INT8;
-- the autoencoder stays FP32: its reconstruction error (the global map) lost up to 1 AUROC point
-  in INT8, for about 4 % of the speed.
+- the autoencoder stays FP32: with it in INT8 bsdata lost 1.4 AUROC points through the global map;
+  in FP32 it costs about 4 % of the INT8 throughput.
 
-INT8 thus covers the teacher's and student's bodies, about 90 % of the FLOPs. Min/max calibration is the
+INT8 thus covers the teacher's and student's bodies, 92 % of the FLOPs (``scripts/int8_sensitivity.py``
+reproduces the study). Min/max calibration is the
 default because it reproduced the FP32 scores at least as closely as the 99.999th percentile on all three
 real sets (mean score error 0.6-1.2 % of the score spread against 0.6-2.7 %).
 
