@@ -62,35 +62,16 @@ def test_gemm_rate_is_positive_and_consistent() -> None:
     assert g["best_s"] * g["gflops"] * 1e9 == pytest.approx(2 * 256**3)
 
 
+def _quick_argv(bundle: Path, run: Path, out: Path, *extra: str) -> list[str]:
+    """``edgead bench`` arguments for a short run on ONNX Runtime, with the torch baseline, JSON to ``out``."""
+    quick = ["--backend", "onnxruntime", "--warmup", "1", "--batch", "2", "--batch-runs", "1", "--threads", "1", "--torch-runs", "2"]
+    return [str(bundle), *quick, "--torch-baseline", str(run), "--json", str(out), *extra]
+
+
 def test_run_bench_report(run_and_bundle: tuple[Path, Path], tmp_path: Path) -> None:
     run, bundle = run_and_bundle
     out = tmp_path / "bench.json"
-    assert (
-        main(
-            [
-                str(bundle),
-                "--backend",
-                "onnxruntime",
-                "--runs",
-                "5",
-                "--warmup",
-                "1",
-                "--batch",
-                "2",
-                "--batch-runs",
-                "1",
-                "--threads",
-                "1",
-                "--torch-baseline",
-                str(run),
-                "--torch-runs",
-                "2",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(_quick_argv(bundle, run, out, "--runs", "5")) == 0
     r = json.loads(out.read_text())
     lat = r["latency_ms"]
     assert lat["n"] == 5 and lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
@@ -107,34 +88,7 @@ def test_run_bench_report(run_and_bundle: tuple[Path, Path], tmp_path: Path) -> 
 def test_compare_precisions_in_one_run(run_and_bundle: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run, bundle = run_and_bundle
     out = tmp_path / "cmp.json"
-    assert (
-        main(
-            [
-                str(bundle),
-                "--backend",
-                "onnxruntime",
-                "--precision",
-                "fp32,int8",
-                "--runs",
-                "3",
-                "--warmup",
-                "1",
-                "--batch",
-                "2",
-                "--batch-runs",
-                "1",
-                "--threads",
-                "1",
-                "--torch-baseline",
-                str(run),
-                "--torch-runs",
-                "2",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(_quick_argv(bundle, run, out, "--precision", "fp32,int8", "--runs", "3")) == 0
     r = json.loads(out.read_text())
     assert r["compare"] == ["fp32", "int8"] and list(r["results"]) == ["fp32", "int8"]
     fp32, int8 = r["results"]["fp32"], r["results"]["int8"]
