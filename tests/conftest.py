@@ -1,8 +1,12 @@
-"""Shared test configuration: the `gpu` marker skips cleanly without a CUDA device."""
+"""Shared test configuration: the `gpu` marker skips cleanly without a CUDA device; the ``make_run`` factory."""
 
 from __future__ import annotations
 
 import ctypes.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,3 +32,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def make_run() -> Callable[..., Path]:
+    """Factory for a training run directory as ``edgead export`` reads it, without training: EfficientAD-S
+    weights (random, seeded, unless ``model`` is given), hand-set quantiles and threshold, and a config.json
+    holding ``image_size`` plus any ``config`` keys.
+
+    >>> run = make_run(tmp_path / "run", 128, quantiles=(0.5, 2.0, 0.3, 1.5), data=str(dataset))  # doctest: +SKIP
+    """
+
+    def make(
+        run_dir: Path,
+        image_size: int = 128,
+        *,
+        model: Any = None,
+        seed: int = 0,
+        quantiles: tuple[float, float, float, float] = (0.8, 2.5, 0.3, 1.1),
+        threshold: float = 0.5,
+        **config: Any,
+    ) -> Path:
+        import torch
+
+        from build_engines.efficientad.models import EfficientAD
+        from build_engines.efficientad.run import Calibration, save_calibration, save_model
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if model is None:
+            torch.manual_seed(seed)
+            model = EfficientAD("s", image_size).eval()
+        save_model(model, run_dir)
+        save_calibration(Calibration(*quantiles, threshold, "hand-set for tests", 0), run_dir)
+        (run_dir / "config.json").write_text(json.dumps({"image_size": image_size, **config}))
+        return run_dir
+
+    return make

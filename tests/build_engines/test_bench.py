@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -12,7 +13,6 @@ import torch
 
 from build_engines.bench import count_flops, gemm_gflops, main, percentiles, run_bench
 from build_engines.efficientad.models import EfficientAD, conv_flops
-from build_engines.efficientad.run import Calibration, save_calibration, save_model
 from build_engines.export import export_bundle
 from build_engines.synthetic import make_image
 from edgead.errors import ConfigError
@@ -23,15 +23,10 @@ POST = EfficientADPost(QuantileAffine(0.8, 2.5), QuantileAffine(0.3, 1.1), pad=4
 
 
 @pytest.fixture(scope="module")
-def run_and_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def run_and_bundle(tmp_path_factory: pytest.TempPathFactory, make_run: Callable[..., Path]) -> tuple[Path, Path]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bench")
-    run = root / "run"
-    run.mkdir()
-    torch.manual_seed(0)
-    save_model(EfficientAD("s", SIZE).eval(), run)
-    save_calibration(Calibration(0.8, 2.5, 0.3, 1.1, 0.5, "hand-set", 0), run)
-    (run / "config.json").write_text(json.dumps({"image_size": SIZE}))
+    run = make_run(root / "run", SIZE, quantiles=(0.8, 2.5, 0.3, 1.1))
     good = root / "good"
     good.mkdir()
     for i in range(3):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from build_engines.efficientad.models import EfficientAD
-from build_engines.efficientad.run import Calibration, save_calibration, save_model
 from build_engines.export import (
     OUTPUTS,
     export_bundle,
@@ -181,7 +180,9 @@ def test_every_op_is_in_tensorrt_10_table(graphs: dict[str, Path]) -> None:
 def _toy(op: str, domain: str = "", opset: int = 17, **attrs: object) -> onnx.ModelProto:
     h = onnx.helper
     node = h.make_node(op, ["x"], ["y"], domain=domain, name="n0", **attrs)
-    graph = h.make_graph([node], "toy", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])], [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])])
+    graph = h.make_graph(
+        [node], "toy", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])], [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])]
+    )
     imports = [h.make_opsetid("", opset)] + ([h.make_opsetid(domain, 1)] if domain else [])
     return h.make_model(graph, opset_imports=imports)
 
@@ -217,17 +218,9 @@ def test_export_refuses_bad_opset_and_training_mode(model: EfficientAD, tmp_path
 # --- the bundle (needs edgead.bundle from the runtime workstream) ---------------------------------
 
 
-def make_tiny_run(run_dir: Path, seed: int = 0) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_model(_model(seed), run_dir)
-    save_calibration(Calibration(POST.st.qa, POST.st.qb, POST.ae.qa, POST.ae.qb, 0.5, "hand-set for tests", 0), run_dir)
-    (run_dir / "config.json").write_text(json.dumps({"image_size": SIZE, "size": "s"}))
-    return run_dir
-
-
-def test_export_bundle_writes_manifest_and_variants(tmp_path: Path, inputs: dict[str, np.ndarray]) -> None:
+def test_export_bundle_writes_manifest_and_variants(tmp_path: Path, inputs: dict[str, np.ndarray], make_run: Callable[..., Path]) -> None:
     bundle_mod = pytest.importorskip("edgead.bundle")
-    run = make_tiny_run(tmp_path / "run")
+    run = make_run(tmp_path / "run", SIZE, model=_model(0), quantiles=(POST.st.qa, POST.st.qb, POST.ae.qa, POST.ae.qb), size="s")
     out = export_bundle(run, tmp_path / "bundle", variants=("merged", "raw"))
     loaded = bundle_mod.load_bundle(out)
     manifest = loaded.manifest

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -13,7 +13,6 @@ import torch
 
 from build_engines.bench import count_flops
 from build_engines.efficientad.models import EfficientAD, conv_flops
-from build_engines.efficientad.run import Calibration, save_calibration, save_model
 from build_engines.export import export_bundle
 from build_engines.onnx_ops import unsupported_ops
 from build_engines.quantize import calibration_images, float_convs, quantize_merged
@@ -32,7 +31,7 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def setup(tmp_path_factory: pytest.TempPathFactory, make_run: Callable[..., Path]) -> dict[str, Path]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("q")
     good = root / "good"
@@ -46,11 +45,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         t = model.teacher(x)
         model.teacher_mean.copy_(t.mean(dim=(0, 2, 3), keepdim=True))
         model.teacher_std.copy_(t.std(dim=(0, 2, 3), keepdim=True))
-    run = root / "run"
-    run.mkdir()
-    save_model(model, run)
-    save_calibration(Calibration(0.5, 2.0, 0.3, 1.5, 0.5, "hand-set", 0), run)
-    (run / "config.json").write_text(json.dumps({"image_size": SIZE, "data": str(root / "nowhere")}))
+    run = make_run(root / "run", SIZE, model=model, quantiles=(0.5, 2.0, 0.3, 1.5), data=str(root / "nowhere"))
     bundle = export_bundle(run, root / "bundle", variants=("merged",), int8_calibration=good, int8_images=8)
     return {"good": good, "run": run, "bundle": bundle}
 

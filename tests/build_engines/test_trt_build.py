@@ -9,6 +9,7 @@ import importlib.util
 import re
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,9 @@ def _qdq_graph(zp_dtype: type, zp: int) -> object:
 
     inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(zp, zp_dtype), "z")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q0"), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dq0")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], inits)
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], inits
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -326,19 +329,11 @@ def test_failed_build_raises_and_writes_nothing(monkeypatch: pytest.MonkeyPatch,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _real_tensorrt(), reason="TensorRT not installed")
-def test_real_build_of_an_exported_bundle(tmp_path: Path) -> None:
-    import json
-
-    from build_engines.efficientad.models import EfficientAD
-    from build_engines.efficientad.run import Calibration, save_calibration, save_model
+def test_real_build_of_an_exported_bundle(tmp_path: Path, make_run: Callable[..., Path]) -> None:
     from build_engines.export import export_bundle
     from edgead.bundle import load_bundle
 
-    run = tmp_path / "run"
-    run.mkdir()
-    save_model(EfficientAD("s", 128).eval(), run)
-    save_calibration(Calibration(0.8, 2.5, 0.3, 1.1, 0.5, "hand-set", 0), run)
-    (run / "config.json").write_text(json.dumps({"image_size": 128}))
+    run = make_run(tmp_path / "run", 128)
     bundle = export_bundle(run, tmp_path / "bundle", variants=("merged",))
     meta = trt_build.build_into_bundle(bundle, variant="merged", precision="fp16", max_batch=4)
     assert meta.path.is_file()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from build_engines.efficientad.models import EfficientAD
-from build_engines.efficientad.run import Calibration, save_calibration, save_model
 from build_engines.export import export_bundle
 from build_engines.synthetic import generate
 
@@ -27,15 +26,10 @@ def _load_script() -> object:
     return mod
 
 
-def test_study_reports_each_rule(tmp_path: Path) -> None:
+def test_study_reports_each_rule(tmp_path: Path, make_run: Callable[..., Path]) -> None:
     torch.set_num_threads(1)
     data = generate(tmp_path / "data", n_train=4, n_test_good=2, n_test_defect=2, size=SIZE, seed=0)
-    run = tmp_path / "run"
-    run.mkdir()
-    torch.manual_seed(0)
-    save_model(EfficientAD("s", SIZE).eval(), run)
-    save_calibration(Calibration(0.0, 2.0, 0.0, 1.5, 0.5, "hand-set: positive maps, distinct scores", 0), run)
-    (run / "config.json").write_text(json.dumps({"image_size": SIZE, "data": str(data)}))
+    run = make_run(tmp_path / "run", SIZE, quantiles=(0.0, 2.0, 0.0, 1.5), data=str(data))  # positive maps: distinct scores
     bundle = export_bundle(run, tmp_path / "bundle", variants=("merged",))
     mod = _load_script()
     out = tmp_path / "rows.json"
