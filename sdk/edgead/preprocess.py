@@ -81,9 +81,10 @@ def prepare(
     """
     frame = check_frame(frame, color)
     scale = _SCALE[frame.dtype]
+    if frame.shape[:2] != (image_size, image_size):
+        # resize first: bilinear works per channel, so this equals resizing the RGB image, on far fewer pixels
+        frame = cv2.resize(frame, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
     rgb = np.ascontiguousarray(to_rgb(frame, color))
-    if rgb.shape[:2] != (image_size, image_size):
-        rgb = cv2.resize(rgb, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
     x = rgb.astype(np.float32) * np.float32(1.0 / scale)
     x -= np.asarray(mean, np.float32)
     x /= np.asarray(std, np.float32)
