@@ -30,7 +30,7 @@ from .backends.base import Backend
 from .backends.onnxruntime import OnnxRuntimeBackend
 from .bundle import Bundle, load_bundle
 from .errors import BackendError, ConfigError, InputError, message
-from .postprocess import efficientad_postprocess, image_scores
+from .postprocess import efficientad_postprocess
 from .preprocess import prepare
 from .registry import BACKENDS, COLORS, PRECISIONS, check_choice
 from .result import Result
@@ -305,8 +305,7 @@ class Detector:
                     )
                 )
             return amap[:, 0], score
-        maps, _ = efficientad_postprocess(outputs["teacher"], outputs["student"], outputs["autoencoder"], self._post)
-        return maps, image_scores(maps)
+        return efficientad_postprocess(outputs["teacher"], outputs["student"], outputs["autoencoder"], self._post)
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
