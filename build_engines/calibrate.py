@@ -6,7 +6,7 @@ Two things are fitted, both from normal images only:
   local (teacher vs student) and global (autoencoder vs student) maps, taken over all pixels of all
   validation images at feature resolution (before padding and resizing), as the reference implementation;
 * the image threshold: a documented statistic of the validation image scores computed with
-  ``edgead.postprocess.efficientad_postprocess`` (the runtime's definition). Methods:
+  ``edgead.postprocess.merge_maps`` (the runtime's definition). Methods:
   ``"max"`` (default: no validation image is flagged) or ``"quantile:Q"`` (e.g. ``"quantile:0.99"``).
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edgead.errors import ConfigError, DataError, message
-from edgead.postprocess import EfficientADPost, QuantileAffine, efficientad_maps, efficientad_postprocess
+from edgead.postprocess import EfficientADPost, QuantileAffine, efficientad_maps, merge_maps
 
 from .efficientad.models import EfficientAD
 from .efficientad.run import Calibration
@@ -137,7 +137,7 @@ def calibrate(
     local, glob = efficientad_maps(t, s, a)
     st, ae = fit_quantiles(local, glob, qa, qb)
     post = EfficientADPost(st, ae, model.map_pad)
-    _, scores = efficientad_postprocess(t, s, a, post)
+    _, scores = merge_maps(local, glob, post)
     threshold, description = fit_threshold(scores, threshold_method)
     log.info("calibration on %d good images: st %.4g/%.4g ae %.4g/%.4g, threshold %.4f (%s)", len(scores), st.qa, st.qb, ae.qa, ae.qb, threshold, description)
     return Calibration(st.qa, st.qb, ae.qa, ae.qb, threshold, description, int(len(scores)))

@@ -26,6 +26,7 @@ __all__ = [
     "QuantileAffine",
     "EfficientADPost",
     "efficientad_maps",
+    "merge_maps",
     "efficientad_postprocess",
     "resize_bilinear",
     "image_scores",
@@ -90,7 +91,11 @@ def efficientad_maps(teacher: np.ndarray, student: np.ndarray, ae: np.ndarray) -
 
 def efficientad_postprocess(teacher: np.ndarray, student: np.ndarray, ae: np.ndarray, post: EfficientADPost) -> tuple[np.ndarray, np.ndarray]:
     """Normalised merged maps (N, h+2p, w+2p) float32 and image scores (N,) float32."""
-    local, glob = efficientad_maps(teacher, student, ae)
+    return merge_maps(*efficientad_maps(teacher, student, ae), post)
+
+
+def merge_maps(local: np.ndarray, glob: np.ndarray, post: EfficientADPost) -> tuple[np.ndarray, np.ndarray]:
+    """Raw local / global maps (``efficientad_maps``) -> normalised merged maps and image scores."""
     merged = 0.5 * post.st.apply(local.astype(np.float64)) + 0.5 * post.ae.apply(glob.astype(np.float64))
     p = post.pad
     if p:
