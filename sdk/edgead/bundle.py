@@ -628,11 +628,14 @@ def add_engine(bundle_dir: str | Path, engine_path: str | Path, meta: EngineEntr
     >>> add_engine("bundle", "merged.engine", EngineEntry("merged_fp16_sm90_trt10.13.0.engine", "merged", "fp16",
     ...            "10.13.0", "9.0", "NVIDIA H100", 8, "2026-11-23T10:00:00Z"))  # doctest: +SKIP
     """
-    first = load_bundle(bundle_dir)
-    if first.archive is not None:
+    src = Path(bundle_dir)
+    if src.is_file() and src.name != MANIFEST and tarfile.is_tarfile(src):
         raise BundleError(message("add_engine bundle", str(bundle_dir), "a bundle directory", "extract the .tar first, add the engine, then re-archive"))
-    with _exclusive(first.root):
-        _add_engine_locked(load_bundle(bundle_dir), engine_path, meta)  # re-read under the lock: another build may have added one
+    root = src.parent if src.name == MANIFEST else src
+    if not (root / MANIFEST).is_file():
+        load_bundle(src)  # not a bundle directory: the loader's error says what is wrong
+    with _exclusive(root):
+        _add_engine_locked(load_bundle(src), engine_path, meta)  # loaded under the lock: another build may have added one
 
 
 def _add_engine_locked(bundle: Bundle, engine_path: str | Path, meta: EngineEntry) -> None:

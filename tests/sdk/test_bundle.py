@@ -154,6 +154,17 @@ def test_add_engine_refusals(tmp_path: Path, bundle: Path) -> None:
     write_bundle(tmp_path / "only_raw", tb.manifest(("raw",)), {"model_raw.onnx": tmp_path / "bundle_src" / "model_raw.onnx"})
     with pytest.raises(BundleError, match="build from a variant the bundle has"):
         add_engine(tmp_path / "only_raw", plan, engine_meta())
+    archive = tmp_path / "bundle.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(bundle, arcname=".")
+    with pytest.raises(BundleError, match="extract the .tar first"):
+        add_engine(archive, plan, engine_meta())
+    with pytest.raises(BundleError, match="does not exist"):
+        add_engine(tmp_path / "nowhere", plan, engine_meta())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="no manifest.json"):
+        add_engine(tmp_path / "empty", plan, engine_meta())
+    assert list((tmp_path / "empty").iterdir()) == []  # refused before any lock file is written
 
 
 def test_tar_archive(tmp_path: Path, bundle: Path) -> None:
