@@ -141,22 +141,27 @@ def _optional(name: str) -> Any:
         return None
 
 
-def read_rgb(path: Path, size: int) -> np.ndarray:
-    """Decode an image (OpenCV, else Pillow) to ``size`` x ``size`` x 3 uint8 RGB (aspect not kept, as the reference)."""
+def read_rgb(path: Path, *sizes: int) -> list[np.ndarray]:
+    """Decode an image once (OpenCV, else Pillow) and resize it to each ``size`` x ``size`` x 3 uint8 RGB
+    (aspect not kept, as the reference)."""
     cv2 = _optional("cv2")
     if cv2 is not None:
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
             raise DataError(message("image", str(path), "a readable image file", "remove or replace the file"))
-        interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
-        return np.ascontiguousarray(cv2.resize(img, (size, size), interpolation=interp)[:, :, ::-1])
+        out = []
+        for size in sizes:
+            interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
+            out.append(np.ascontiguousarray(cv2.resize(img, (size, size), interpolation=interp)[:, :, ::-1]))
+        return out
     try:
         from PIL import Image
     except ImportError as exc:
         raise MissingDependencyError("opencv-python-headless or Pillow", "train", "reading images for distillation") from exc
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8).copy()
+            rgb = im.convert("RGB")
+            return [np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8).copy() for size in sizes]
     except OSError as exc:
         raise DataError(message("image", f"{path} ({exc})", "a readable image file", "remove or replace the file")) from exc
 
@@ -211,8 +216,7 @@ def build_cache(cfg: DistillConfig, files: Sequence[Path], weights_path: Path, d
     n, s, g = len(files) + n_grey, cfg.image_size, cfg.image_size // 4
     if meta_path.is_file() and json.loads(meta_path.read_text()) == {**meta, "complete": True}:
         log.info("reusing the target cache %s (%d items)", cache, n)
-        stats = np.load(cache / "stats.npz")
-        return TargetCache(np.load(cache / "images.npy", mmap_mode="c"), np.load(cache / "targets.npy", mmap_mode="c"), stats["mean"], stats["std"], meta)
+        return _open_cache(cache, meta)
     meta_path.unlink(missing_ok=True)
     images = np.lib.format.open_memmap(cache / "images.npy", mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
     targets = np.lib.format.open_memmap(cache / "targets.npy", mode="w+", dtype=np.float16, shape=(n, OUT_CHANNELS, g, g))
@@ -224,7 +228,8 @@ def build_cache(cfg: DistillConfig, files: Sequence[Path], weights_path: Path, d
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
         def decode(i: int) -> tuple[np.ndarray, np.ndarray]:
-            return read_rgb(files[i], s), read_rgb(files[i], 2 * s)
+            small, big = read_rgb(files[i], s, 2 * s)
+            return small, big
 
         decoded: Iterator[tuple[np.ndarray, np.ndarray]] = pool.map(decode, order)
         for start in _progress(range(0, n, batch), "backbone targets", math.ceil(n / batch)):
@@ -253,7 +258,13 @@ def build_cache(cfg: DistillConfig, files: Sequence[Path], weights_path: Path, d
     meta_path.write_text(json.dumps({**meta, "complete": True}))
     log.info("target cache %s: %d items (%d greyscale), %.1f MB, %.1f s", cache, n, n_grey, targets.nbytes / 1e6, time.perf_counter() - t0)
     del images, targets
-    return build_cache(cfg, files, weights_path, device)
+    return _open_cache(cache, meta)
+
+
+def _open_cache(cache: Path, meta: dict) -> TargetCache:
+    """A complete cache directory as copy-on-write memory maps."""
+    stats = np.load(cache / "stats.npz")
+    return TargetCache(np.load(cache / "images.npy", mmap_mode="c"), np.load(cache / "targets.npy", mmap_mode="c"), stats["mean"], stats["std"], meta)
 
 
 # ----------------------------------------------------------------------------- training
