@@ -142,7 +142,7 @@ def run_demo(
 
 def _export_and_detect(run_dir: Path, bundle_dir: Path, dataset: Any, result: dict[str, Any], frames: int) -> list[dict[str, Any]]:
     import edgead
-    from edgead.datasets import read_image
+    from edgead.datasets import image_color, read_image
 
     from .export import export_bundle
 
@@ -158,7 +158,7 @@ def _export_and_detect(run_dir: Path, bundle_dir: Path, dataset: Any, result: di
         print(f"Detector: backend={det.backend} precision={det.precision} threshold={det.threshold:.4f}")
         for sample in picks:
             frame = read_image(sample.path)
-            res = det.infer(frame, color="gray" if frame.ndim == 2 else "bgr")
+            res = det.infer(frame, color=image_color(frame))
             ref = torch_scores[str(sample.path)]
             total = sum(res.timings.values())
             print(f"  {sample.path.name:<12} {sample.defect:<15} score {res.score:.4f} (torch {ref:.4f})  {res.decision}  {total:.1f} ms")

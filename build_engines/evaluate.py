@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from edgead.datasets import Dataset, Sample, open_dataset, read_image, read_mask
+from edgead.datasets import Dataset, Sample, image_color, open_dataset, read_image, read_mask
 from edgead.errors import ConfigError, DataError, message
 from edgead.metrics import aupro, f1_max, image_auroc, pixel_auroc
 from edgead.postprocess import EfficientADPost, efficientad_postprocess, resize_bilinear
@@ -36,10 +36,6 @@ from .efficientad.run import load_run
 __all__ = ["predict", "evaluate_run", "format_table", "save_overlay", "main"]
 
 log = logging.getLogger(__name__)
-
-
-def _color_of(image: np.ndarray) -> str:
-    return "gray" if image.ndim == 2 else "bgr"
 
 
 def predict(
@@ -58,7 +54,7 @@ def predict(
     >>> predict(EfficientAD("s", 128).eval(), post, [np.zeros((40, 50), np.uint8)])[0].shape
     (1, 32, 32)
     """
-    x = np.stack([prepare(f, model.image_size, mean, std, _color_of(f)) for f in frames])
+    x = np.stack([prepare(f, model.image_size, mean, std, image_color(f)) for f in frames])
     t, s, a = model_outputs(model, x, batch_size=len(frames), device=device)
     return efficientad_postprocess(t, s, a, post)
 

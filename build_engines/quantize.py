@@ -123,13 +123,12 @@ class FolderCalibrationReader(_reader_base()):  # type: ignore[misc]
     def __init__(
         self, files: Sequence[Path], image_size: int, input_name: str = "image", mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
     ) -> None:
-        from edgead.datasets import read_image
+        from edgead.datasets import image_color, read_image
 
         self._batches: list[dict[str, np.ndarray]] = []
         for path in files:
             frame = read_image(path)
-            color = "gray" if frame.ndim == 2 else "bgr"
-            self._batches.append({input_name: prepare(frame, image_size, mean, std, color)[None]})
+            self._batches.append({input_name: prepare(frame, image_size, mean, std, image_color(frame))[None]})
         self._it: Iterator[dict[str, np.ndarray]] = iter(self._batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -238,7 +237,7 @@ def compare_auroc(bundle: str | Path, dataset: str | Path, *, threads: int | Non
     {'n': 300, 'fp32': 0.97, 'int8': 0.968, 'delta_points': -0.2, 'score_rank_correlation': 0.998, 'score_error_rel': 0.01}
     """
     from edgead import Detector
-    from edgead.datasets import open_dataset, read_image
+    from edgead.datasets import image_color, open_dataset, read_image
     from edgead.metrics import image_auroc
 
     samples = open_dataset(dataset).test
@@ -254,9 +253,8 @@ def compare_auroc(bundle: str | Path, dataset: str | Path, *, threads: int | Non
     ):
         for s in samples:  # each image read and prepared once, scored by both
             frame = read_image(s.path)
-            color = "gray" if frame.ndim == 2 else "bgr"
             for precision, det in (("fp32", d32), ("int8", d8)):
-                got[precision].append(det.infer(frame, color=color, map_size="model").score)
+                got[precision].append(det.infer(frame, color=image_color(frame), map_size="model").score)
     for precision, values in got.items():
         out[precision] = float(image_auroc(labels, values))
     f32, i8 = np.asarray(got["fp32"]), np.asarray(got["int8"])

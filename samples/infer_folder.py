@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 import edgead
-from edgead.datasets import IMAGE_EXTENSIONS, read_image
+from edgead.datasets import IMAGE_EXTENSIONS, image_color, read_image
 
 
 def overlay(frame: np.ndarray, anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
@@ -50,7 +50,7 @@ def main() -> None:
         writer.writerow(["file", "score", "decision", "threshold", "total_ms"])
         for path in files:
             frame = read_image(path)
-            result = det.infer(frame, color="gray" if frame.ndim == 2 else "bgr")
+            result = det.infer(frame, color=image_color(frame))
             n_bad += result.is_anomalous
             rel = path.relative_to(args.images)
             writer.writerow([str(rel), f"{result.score:.6f}", result.decision, f"{result.threshold:.6f}", f"{result.timings.get('total', float('nan')):.2f}"])

@@ -74,7 +74,7 @@ def study(run_dir: Path, bundle: Path, names: list[str], *, test_images: int = 8
 
     from build_engines.quantize import quantize_merged, rank_correlation
     from edgead.bundle import load_bundle
-    from edgead.datasets import open_dataset, read_image
+    from edgead.datasets import image_color, open_dataset, read_image
     from edgead.preprocess import prepare
 
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -84,7 +84,7 @@ def study(run_dir: Path, bundle: Path, names: list[str], *, test_images: int = 8
     x = []
     for i in sorted(pick):
         frame = read_image(ds.test[i].path)
-        x.append(prepare(frame, size, mean, std, "gray" if frame.ndim == 2 else "bgr")[None])
+        x.append(prepare(frame, size, mean, std, image_color(frame))[None])
     fp32 = load_bundle(bundle).onnx_path("merged")
     table = rules(onnx.load(str(fp32)))
     unknown = sorted(set(names) - set(table))

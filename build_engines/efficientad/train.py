@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgead.datasets import list_images, open_dataset, read_image, split_train_val
+from edgead.datasets import image_color, list_images, open_dataset, read_image, split_train_val
 from edgead.errors import ConfigError, DataError, message
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 from edgead.registry import FAMILIES, check_choice
@@ -186,13 +186,9 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _color_of(image: np.ndarray) -> str:
-    return "gray" if image.ndim == 2 else "bgr"
-
-
 def _prepare_paths(paths: list[Path], cfg: TrainConfig) -> np.ndarray:
     assert cfg.image_size is not None
-    return np.stack([prepare(img, cfg.image_size, cfg.mean, cfg.std, _color_of(img)) for img in (read_image(p) for p in paths)])
+    return np.stack([prepare(img, cfg.image_size, cfg.mean, cfg.std, image_color(img)) for img in (read_image(p) for p in paths)])
 
 
 def _penalty_image(path: Path, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
@@ -204,7 +200,7 @@ def _penalty_image(path: Path, cfg: TrainConfig, rng: np.random.Generator) -> np
     img = read_image(path)
     img = cv2.resize(img, (2 * s, 2 * s), interpolation=cv2.INTER_LINEAR)
     img = np.ascontiguousarray(img[s // 2 : s // 2 + s, s // 2 : s // 2 + s])
-    color = _color_of(img)
+    color = image_color(img)
     if rng.random() < 0.3 and color == "bgr":
         img, color = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), "gray"
     return prepare(img, s, cfg.mean, cfg.std, color)

@@ -29,6 +29,7 @@ __all__ = [
     "Sample",
     "Dataset",
     "read_image",
+    "image_color",
     "list_images",
     "open_dataset",
     "read_mask",
@@ -106,6 +107,15 @@ def list_images(folder: str | Path, *, required: bool = True) -> list[Path]:
             message("image folder", got, f"at least one file with extension {_EXT_TEXT}", "put the images in this folder or point to the right one")
         )
     return images
+
+
+def image_color(image: np.ndarray) -> str:
+    """The ``color=`` value for an image as :func:`read_image` returns it: ``"gray"`` (HxW) or ``"bgr"``.
+
+    >>> image_color(np.zeros((4, 4), np.uint8)), image_color(np.zeros((4, 4, 3), np.uint8))
+    ('gray', 'bgr')
+    """
+    return "gray" if image.ndim == 2 else "bgr"
 
 
 def read_image(path: str | Path) -> np.ndarray:

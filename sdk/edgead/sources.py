@@ -31,7 +31,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .datasets import IMAGE_EXTENSIONS, list_images, read_image
+from .datasets import IMAGE_EXTENSIONS, image_color, list_images, read_image
 from .errors import ConfigError, DataError, EdgeADError, InputError, MissingDependencyError, message
 
 __all__ = [
@@ -131,10 +131,6 @@ def convert_pixels(data: bytes | np.ndarray, pixel_format: str, width: int, heig
     return image.copy(), color
 
 
-def _color_of(image: np.ndarray) -> str:
-    return "gray" if image.ndim == 2 else "bgr"
-
-
 class FrameSource:
     """Base of every source: ``open``, ``read``, ``close``, iteration and context management.
 
@@ -167,7 +163,7 @@ class FrameSource:
             frame_id = self._next_id
         self._next_id = frame_id + 1
         self.stats["delivered"] += 1
-        return Frame(np.ascontiguousarray(image), frame_id, time.time_ns() if timestamp_ns is None else timestamp_ns, _color_of(image), meta)
+        return Frame(np.ascontiguousarray(image), frame_id, time.time_ns() if timestamp_ns is None else timestamp_ns, image_color(image), meta)
 
     def __enter__(self) -> FrameSource:
         if not self.is_open:
