@@ -42,11 +42,11 @@ from typing import Any
 
 import numpy as np
 
+from edgead.datasets import IMAGE_EXTENSIONS
 from edgead.errors import ConfigError, DataError, MissingDependencyError, message
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "FLOAT_MODULES",
     "calibration_images",
     "float_convs",
@@ -59,7 +59,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 INT8_TARGETS = ("onnxruntime", "tensorrt")
 FLOAT_MODULES = ("autoencoder",)  # sub-networks of the exported graph (``export.RawGraph``) kept in floating point
@@ -94,11 +93,11 @@ def calibration_images(folder: str | Path, max_images: int = 64, seed: int = 0) 
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(message("INT8 calibration folder", str(folder), "an existing folder of good images", "pass --int8-images DIR"))
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DataError(
             message(
-                "INT8 calibration folder", f"{folder} (no {'/'.join(IMAGE_SUFFIXES)} files)", "at least one good image", "point --int8-images at train/good"
+                "INT8 calibration folder", f"{folder} (no {'/'.join(IMAGE_EXTENSIONS)} files)", "at least one good image", "point --int8-images at train/good"
             )
         )
     if max_images < 1:
