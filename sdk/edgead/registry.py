@@ -7,7 +7,6 @@ gets the same helpful message everywhere (with a close-match suggestion).
 from __future__ import annotations
 
 import difflib
-import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -21,7 +20,6 @@ __all__ = [
     "COLORS",
     "check_choice",
     "family_spec",
-    "module_available",
 ]
 
 
@@ -32,13 +30,12 @@ class FamilySpec:
     name: str
     sizes: tuple[str, ...]
     available: bool  # False: planned (bundle format reserves the name), no toolchain yet
-    postprocess: str  # name of the post-processing function in edgead.postprocess
 
 
 FAMILIES: dict[str, FamilySpec] = {
-    "efficientad": FamilySpec("efficientad", ("s", "m"), True, "efficientad_postprocess"),
-    "uniad": FamilySpec("uniad", ("base",), False, "uniad_postprocess"),
-    "grad": FamilySpec("grad", ("base",), False, "grad_postprocess"),
+    "efficientad": FamilySpec("efficientad", ("s", "m"), True),
+    "uniad": FamilySpec("uniad", ("base",), False),
+    "grad": FamilySpec("grad", ("base",), False),
 }
 
 BACKENDS: tuple[str, ...] = ("auto", "tensorrt", "onnxruntime")
@@ -76,11 +73,3 @@ def family_spec(name: str, *, require_available: bool = True) -> FamilySpec:
             )
         )
     return spec
-
-
-def module_available(name: str) -> bool:
-    """True when ``name`` can be imported, without importing it."""
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
