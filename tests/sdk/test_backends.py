@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import tiny_bundle as tb
 
-import edgead
 from edgead.backends import cuda
 from edgead.backends import tensorrt as trtb
 from edgead.backends.onnxruntime import OnnxRuntimeBackend, import_onnxruntime
@@ -389,10 +388,14 @@ def test_tensorrt_backend_failed_construction_frees_what_it_allocated(monkeypatc
 
 
 def test_kernel_library_reports_absence(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "edgead.kernels", None)
-    monkeypatch.delattr(edgead, "kernels", raising=False)  # `from .. import kernels` reads the package attribute first
+    from edgead import kernels
+
+    def missing(flavour: str) -> None:
+        raise OSError(f"libedgead_pp_{flavour}.so: cannot open shared object file")
+
+    monkeypatch.setattr(kernels, "load_library", missing)
     lib, why = trtb.kernel_library()
-    assert lib is None and "not importable" in why
+    assert lib is None and "not available" in why and "libedgead_pp_cuda.so" in why
 
 
 # ------------------------------------------------------------------ CUDA helpers (no GPU here; GPU cases below)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import kernels
 from ..bundle import VARIANT_OUTPUTS, Bundle, EngineEntry, Platform, rebuild_command
 from ..errors import BackendError, BundleError, MissingDependencyError, message
 from ..kernels import NP_DTYPES
@@ -161,10 +162,6 @@ def batch_range(profile: Sequence[Sequence[int]], input_shape: tuple[int, int, i
 
 def kernel_library() -> tuple[Any | None, str]:
     """The CUDA post-processing library (``edgead.kernels.load_library('cuda')``) or None and why not."""
-    try:
-        from .. import kernels
-    except ImportError as exc:
-        return None, f"edgead.kernels is not importable ({exc})"
     try:
         lib = kernels.load_library("cuda")
     except Exception as exc:  # noqa: BLE001 - any failure means: no device post-processing
@@ -327,8 +324,6 @@ class TensorRTBackend(Backend):
             t, s, a = (self._dev[k].ptr for k in ("teacher", "student", "autoencoder"))
             _, c, h, w = self._out_shapes["teacher"]
             post = self._post
-            from .. import kernels
-
             kernels.device_postprocess(
                 t,
                 s,
