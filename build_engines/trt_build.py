@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgead.backends.cuda import DeviceInfo, device_info  # the GPU a plan is built for
 from edgead.backends.tensorrt import import_tensorrt as _import_tensorrt
-from edgead.errors import BackendError, ConfigError, MissingDependencyError, message
+from edgead.errors import BackendError, ConfigError, message
 from edgead.registry import check_choice
 
 if TYPE_CHECKING:
@@ -65,14 +66,6 @@ class BuildSettings:
     max_batch: int
     opt_batch: int
     workspace_mb: int
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """The GPU a plan is built for."""
-
-    name: str
-    compute_capability: str  # "8.7" (Orin), "9.0" (H100)
 
 
 @dataclass(frozen=True)
@@ -192,22 +185,6 @@ def engine_entry(meta: EngineMeta, variant: str, built_at: str | None = None) ->
 def import_tensorrt() -> Any:
     """Import TensorRT with its builder, or raise MissingDependencyError naming the ``tensorrt`` extra."""
     return _import_tensorrt("building a TensorRT engine", needs="Builder")
-
-
-def device_info(device: int = 0) -> DeviceInfo:
-    """Name and compute capability of a CUDA device (cuda-python runtime API)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python layout
-        except ImportError as exc:
-            raise MissingDependencyError("cuda-python", "tensorrt", "querying the GPU") from exc
-    err, props = cudart.cudaGetDeviceProperties(device)
-    if int(err) != 0:
-        raise BackendError(message("CUDA device", f"device {device}: {err}", "a visible NVIDIA GPU", "check nvidia-smi, the driver and CUDA_VISIBLE_DEVICES"))
-    name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
-    return DeviceInfo(name=name, compute_capability=f"{props.major}.{props.minor}")
 
 
 def _parse_onnx(trt_mod: Any, builder: trt.Builder, logger: trt.ILogger, onnx_path: Path) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:

@@ -282,7 +282,7 @@ def _fake_trt(rec: _Rec, plan: bytes | None) -> types.ModuleType:
 def fake(monkeypatch: pytest.MonkeyPatch) -> _Rec:
     rec = _Rec()
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt(rec, b"PLAN\x00\x01"))
-    monkeypatch.setattr(trt_build, "device_info", lambda device=0: trt_build.DeviceInfo("Orin", "8.7"))
+    monkeypatch.setattr(trt_build, "device_info", lambda device=0: trt_build.DeviceInfo(0, "Orin", "8.7", 1 << 34))
     return rec
 
 
@@ -316,7 +316,7 @@ def test_failed_build_raises_and_writes_nothing(monkeypatch: pytest.MonkeyPatch,
     from edgead.errors import BackendError
 
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt(_Rec(), None))
-    monkeypatch.setattr(trt_build, "device_info", lambda device=0: trt_build.DeviceInfo("Orin", "8.7"))
+    monkeypatch.setattr(trt_build, "device_info", lambda device=0: trt_build.DeviceInfo(0, "Orin", "8.7", 1 << 34))
     onnx_file = tmp_path / "m.onnx"
     onnx_file.write_bytes(b"onnx")
     with pytest.raises(BackendError, match="TensorRT build"):
