@@ -75,10 +75,10 @@ def study(run_dir: Path, bundle: Path, names: list[str], *, test_images: int = 8
     from build_engines.quantize import quantize_merged, rank_correlation
     from edgead.bundle import load_bundle
     from edgead.datasets import image_color, open_dataset, read_image
-    from edgead.preprocess import prepare
+    from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 
     cfg = json.loads((run_dir / "config.json").read_text())
-    size, mean, std = int(cfg["image_size"]), cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+    size, mean, std = int(cfg["image_size"]), cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
     ds = open_dataset(cfg["data"])
     pick = np.random.default_rng(1).choice(len(ds.test), min(test_images, len(ds.test)), replace=False)
     x = []

@@ -47,6 +47,7 @@ from build_engines.efficientad.backbones import BACKBONES, PatchFeatures, lite0_
 from build_engines.efficientad.models import OUT_CHANNELS, pdn
 from build_engines.efficientad.teacher import teacher_state_dict
 from edgead.errors import BackendError, ConfigError, DataError, MissingDependencyError, message
+from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from edgead.registry import FAMILIES, check_choice
 
 __all__ = ["DistillConfig", "distill", "list_images", "read_rgb", "crop_batch", "main"]
@@ -57,8 +58,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEVICES = ("auto", "cpu", "cuda")
 GREY_P = 0.1
 LR, WEIGHT_DECAY = 1e-4, 1e-5
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
 CACHE_VERSION = 1
 
 
@@ -173,8 +172,8 @@ def _grey(img: np.ndarray) -> np.ndarray:
 
 def _normalise(images_u8: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) uint8 RGB -> ImageNet-normalised float32."""
-    mean = torch.tensor(_MEAN, device=images_u8.device).view(1, 3, 1, 1)
-    std = torch.tensor(_STD, device=images_u8.device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=images_u8.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images_u8.device).view(1, 3, 1, 1)
     return (images_u8.float() / 255.0 - mean) / std
 
 
