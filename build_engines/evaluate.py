@@ -21,7 +21,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
 
 from edgead.datasets import Dataset, Sample, image_color, open_dataset, read_image, read_mask
 from edgead.errors import ConfigError, DataError, message
@@ -30,6 +29,7 @@ from edgead.postprocess import EfficientADPost, efficientad_postprocess, resize_
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 
 from .calibrate import model_outputs
+from .devices import resolve_device
 from .efficientad.models import EfficientAD
 from .efficientad.run import load_run
 
@@ -57,14 +57,6 @@ def predict(
     x = np.stack([prepare(f, model.image_size, mean, std, image_color(f)) for f in frames])
     t, s, a = model_outputs(model, x, batch_size=len(frames), device=device)
     return efficientad_postprocess(t, s, a, post)
-
-
-def _device(name: str) -> str:
-    if name not in ("auto", "cpu", "cuda"):
-        raise ConfigError(message("device", repr(name), "auto, cpu or cuda", "pass --device auto"))
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(message("device", "'cuda'", "a CUDA device visible to PyTorch", "pass --device cpu"))
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def _rate(flags: np.ndarray) -> float | None:
@@ -122,7 +114,7 @@ def evaluate_run(
     """
     if batch_size < 1:
         raise ConfigError(message("batch_size", batch_size, "an integer >= 1", "pass --batch-size 8"))
-    dev = _device(device)
+    dev = str(resolve_device(device))
     t0 = time.perf_counter()
     run = load_run(run_dir)
     model = run.model.to(dev).eval()

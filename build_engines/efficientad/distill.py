@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from build_engines.devices import DEVICES, resolve_device
 from build_engines.efficientad.backbones import BACKBONES, PatchFeatures, lite0_package_weights, load_backbone
 from build_engines.efficientad.models import OUT_CHANNELS, pdn
 from build_engines.efficientad.teacher import teacher_state_dict
@@ -55,7 +56,6 @@ __all__ = ["DistillConfig", "distill", "list_images", "read_rgb", "crop_batch", 
 log = logging.getLogger("edgead.distill")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-DEVICES = ("auto", "cpu", "cuda")
 GREY_P = 0.1
 LR, WEIGHT_DECAY = 1e-4, 1e-5
 CACHE_VERSION = 1
@@ -303,14 +303,6 @@ def _progress(it: Sequence[int] | range, desc: str, total: int) -> Iterator[int]
     yield from tqdm(it, desc=desc, total=total, disable=not sys.stderr.isatty(), mininterval=2.0)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BackendError(message("--device", "cuda", "a CUDA device visible to PyTorch", "pass --device cpu or run on a GPU machine with a CUDA build of torch"))
-    return torch.device(name)
-
-
 _CKPT_KEYS = ("size", "backbone", "image_size", "crop", "batch_size", "seed", "val_fraction", "max_images")
 
 
@@ -329,7 +321,7 @@ def distill(cfg: DistillConfig) -> Path:
     if not cfg.resume and not cfg.overwrite and (out.exists() or ckpt_path.exists()):
         raise ConfigError(message("--out", f"{out} (or its checkpoint) already exists", "a new output path", "pass --resume to continue, --overwrite to start again, or another --out"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device, what="--device", error=BackendError)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -50,6 +50,7 @@ from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 from edgead.registry import FAMILIES, check_choice
 
 from ..calibrate import QA, QB, calibrate, parse_threshold_method
+from ..devices import DEVICES, resolve_device
 from .models import EfficientAD, check_image_size, pdn
 from .run import CONFIG_FILE, save_calibration, save_model
 
@@ -65,7 +66,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"image_size": 256, "steps": 17_500, "batch_size": 4, "lr": 1e-4, "checkpoint_every": 500, "log_every": 50},
     "cpu": {"image_size": 128, "steps": 200, "batch_size": 1, "lr": 1e-3, "checkpoint_every": 50, "log_every": 10},
 }
-DEVICES = ("auto", "cpu", "cuda")
 _QUANTILE_LIMIT = 16_000_000  # torch.quantile refuses larger inputs
 
 
@@ -178,14 +178,6 @@ def color_jitter(x: torch.Tensor, kinds: np.ndarray, factors: np.ndarray, mean: 
     return (torch.stack(out) - mean) / std
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(message("device", "'cuda'", "a CUDA device visible to PyTorch", "pass --device cpu (or auto), or install a CUDA build of torch"))
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def _prepare_paths(paths: list[Path], cfg: TrainConfig) -> np.ndarray:
     assert cfg.image_size is not None
     return np.stack([prepare(img, cfg.image_size, cfg.mean, cfg.std, image_color(img)) for img in (read_image(p) for p in paths)])
@@ -292,7 +284,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         cfg = config.with_preset()
     assert cfg.steps is not None and cfg.batch_size is not None and cfg.image_size is not None
     assert cfg.checkpoint_every is not None and cfg.log_every is not None and cfg.lr is not None
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     dataset = open_dataset(cfg.data)
     train_paths, val_paths = split_train_val(dataset.train_good, cfg.val_fraction, cfg.seed)
     penalty_paths = list_images(cfg.penalty_data) if cfg.penalty_data else []
