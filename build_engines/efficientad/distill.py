@@ -44,11 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from build_engines.devices import DEVICES, resolve_device
-from build_engines.efficientad.backbones import BACKBONES, PatchFeatures, lite0_package_weights, load_backbone
+from build_engines.backbones import BACKBONES, PatchFeatures, lite0_package_weights, load_backbone
 from build_engines.efficientad.models import OUT_CHANNELS, pdn
 from build_engines.efficientad.teacher import teacher_state_dict
 from edgead.errors import BackendError, ConfigError, DataError, MissingDependencyError, message
-from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_image
 from edgead.registry import FAMILIES, check_choice
 
 __all__ = ["DistillConfig", "distill", "list_images", "read_rgb", "crop_batch", "main"]
@@ -148,11 +148,7 @@ def read_rgb(path: Path, *sizes: int) -> list[np.ndarray]:
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
             raise DataError(message("image", str(path), "a readable image file", "remove or replace the file"))
-        out = []
-        for size in sizes:
-            interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
-            out.append(np.ascontiguousarray(cv2.resize(img, (size, size), interpolation=interp)[:, :, ::-1]))
-        return out
+        return [np.ascontiguousarray(resize_image(img, size, size)[:, :, ::-1]) for size in sizes]
     try:
         from PIL import Image
     except ImportError as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from build_engines.efficientad.backbones import load_state_dict_file
+from build_engines.backbones import load_state_dict_file
 from build_engines.efficientad.models import OUT_CHANNELS, pdn
 from edgead.errors import ConfigError, DataError, message
 from edgead.registry import FAMILIES, check_choice

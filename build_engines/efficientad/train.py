@@ -46,7 +46,7 @@ import torch
 
 from edgead.datasets import image_color, list_images, open_dataset, read_image, split_train_val
 from edgead.errors import ConfigError, DataError, message
-from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
+from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare, resize_image
 from edgead.registry import FAMILIES, check_choice
 
 from ..calibrate import QA, QB, calibrate, parse_threshold_method
@@ -54,7 +54,7 @@ from ..devices import DEVICES, resolve_device
 from .models import EfficientAD, check_image_size, pdn
 from .run import CONFIG_FILE, save_calibration, save_model
 
-__all__ = ["TrainConfig", "PRESETS", "hard_feature_loss", "color_jitter", "train", "main"]
+__all__ = ["TrainConfig", "PRESETS", "StepLosses", "hard_feature_loss", "color_jitter", "step_losses", "learning_rate", "train", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,63 @@ def color_jitter(x: torch.Tensor, kinds: np.ndarray, factors: np.ndarray, mean: 
     return (torch.stack(out) - mean) / std
 
 
+@dataclass
+class StepLosses:
+    """The four loss terms of one EfficientAD training step (Algorithm 1 of the paper)."""
+
+    hard: torch.Tensor  # hard-feature loss, student's first half vs the teacher on the image
+    penalty: torch.Tensor  # mean squared student output (first half) on a generic image; 0 without one
+    ae: torch.Tensor  # autoencoder vs the teacher on the jittered image
+    stae: torch.Tensor  # student's second half vs the autoencoder on the jittered image
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.hard + self.penalty + self.ae + self.stae
+
+
+def step_losses(
+    model: EfficientAD,
+    x: torch.Tensor,
+    teacher_x: torch.Tensor,
+    kinds: np.ndarray,
+    factors: np.ndarray,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    penalty: torch.Tensor | None = None,
+    p_hard: float = 0.999,
+) -> StepLosses:
+    """Loss terms of one step on the normalised batch ``x`` whose normalised teacher output is ``teacher_x``.
+
+    The autoencoder, the teacher it learns and the student's second half all see the colour-jittered
+    image (``color_jitter(x, kinds, factors, mean, std)``); the student's two halves run as one batch.
+    """
+    c, b = model.out_channels, x.shape[0]
+    x_ae = color_jitter(x, kinds, factors, mean, std)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        x_ae = x_ae.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        t_ae = model.normalised_teacher(x_ae)
+    s = model.student(torch.cat([x, x_ae]))
+    loss_hard = hard_feature_loss(teacher_x, s[:b, :c], p_hard)
+    loss_pen = torch.mean(model.student(penalty)[:, :c].float() ** 2) if penalty is not None else torch.zeros((), device=x.device)
+    a = model.autoencoder(x_ae)
+    loss_ae = torch.mean((t_ae.float() - a.float()) ** 2)
+    loss_stae = torch.mean((a.float() - s[b:, c:].float()) ** 2)
+    return StepLosses(loss_hard, loss_pen, loss_ae, loss_stae)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of 0-based ``step``: ``cfg.lr``, times 0.1 from ``lr_drop_fraction`` of the steps on.
+
+    >>> cfg = TrainConfig(data="d", out="o", preset="cpu", steps=100, lr=1e-3)
+    >>> learning_rate(94, cfg), learning_rate(95, cfg)
+    (0.001, 0.0001)
+    """
+    assert cfg.lr is not None and cfg.steps is not None
+    return cfg.lr * (0.1 if step >= int(cfg.lr_drop_fraction * cfg.steps) else 1.0)
+
+
 def _prepare_paths(paths: list[Path], cfg: TrainConfig) -> np.ndarray:
     assert cfg.image_size is not None
     return np.stack([prepare(img, cfg.image_size, cfg.mean, cfg.std, image_color(img)) for img in (read_image(p) for p in paths)])
@@ -190,7 +247,7 @@ def _penalty_image(path: Path, cfg: TrainConfig, rng: np.random.Generator) -> np
     s = cfg.image_size
     assert s is not None
     img = read_image(path)
-    img = cv2.resize(img, (2 * s, 2 * s), interpolation=cv2.INTER_LINEAR)
+    img = resize_image(img, 2 * s, 2 * s)
     img = np.ascontiguousarray(img[s // 2 : s // 2 + s, s // 2 : s // 2 + s])
     color = image_color(img)
     if rng.random() < 0.3 and color == "bgr":
@@ -338,8 +395,6 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     images_t = torch.from_numpy(images)
     mean_t = torch.tensor(cfg.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(cfg.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    c = model.out_channels
-    drop_at = int(cfg.lr_drop_fraction * cfg.steps)
     end_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     model.student.train()
     model.autoencoder.train()
@@ -348,31 +403,20 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     try:
         while step < end_step:
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * (0.1 if step >= drop_at else 1.0)
+                g["lr"] = learning_rate(step, cfg)
             idx = rng.integers(0, len(images), cfg.batch_size)
             kinds = rng.integers(0, 3, cfg.batch_size)
             factors = rng.uniform(0.8, 1.2, cfg.batch_size)
             pen_idx = int(rng.integers(0, len(penalty_paths))) if penalty_paths else -1
             x = images_t[torch.from_numpy(idx)].to(device)
-            x_ae = color_jitter(x, kinds, factors, mean_t, std_t)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-                x_ae = x_ae.contiguous(memory_format=torch.channels_last)
+            penalty = torch.from_numpy(_penalty_image(penalty_paths[pen_idx], cfg, rng)[None]).to(device) if pen_idx >= 0 else None
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 with torch.no_grad():
                     t_st = cached_teacher[torch.from_numpy(idx).to(device)] if cached_teacher is not None else model.normalised_teacher(x)
-                    t_ae = model.normalised_teacher(x_ae)
-                s = model.student(torch.cat([x, x_ae]))
-                s_st, s_ae = s[: cfg.batch_size, :c], s[cfg.batch_size :, c:]
-                loss_hard = hard_feature_loss(t_st, s_st, cfg.p_hard)
-                loss_pen = torch.zeros((), device=device)
-                if pen_idx >= 0:
-                    p = torch.from_numpy(_penalty_image(penalty_paths[pen_idx], cfg, rng)[None]).to(device)
-                    loss_pen = torch.mean(model.student(p)[:, :c].float() ** 2)
-                a = model.autoencoder(x_ae)
-                loss_ae = torch.mean((t_ae.float() - a.float()) ** 2)
-                loss_stae = torch.mean((a.float() - s_ae.float()) ** 2)
-                loss = loss_hard + loss_pen + loss_ae + loss_stae
+                losses = step_losses(model, x, t_st, kinds, factors, mean_t, std_t, penalty=penalty, p_hard=cfg.p_hard)
+                loss = losses.total
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -390,10 +434,10 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                 rec = {
                     "step": step,
                     "loss": loss_value,
-                    "loss_hard": loss_hard.detach().item(),
-                    "loss_penalty": loss_pen.detach().item(),
-                    "loss_ae": loss_ae.detach().item(),
-                    "loss_stae": loss_stae.detach().item(),
+                    "loss_hard": losses.hard.detach().item(),
+                    "loss_penalty": losses.penalty.detach().item(),
+                    "loss_ae": losses.ae.detach().item(),
+                    "loss_stae": losses.stae.detach().item(),
                     "lr": opt.param_groups[0]["lr"],
                     "elapsed_s": round(time.perf_counter() - t_start, 2),
                 }

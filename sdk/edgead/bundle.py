@@ -41,6 +41,7 @@ from typing import Any
 from .errors import BundleError, ConfigError, message
 from .postprocess import EfficientADPost, QuantileAffine
 from .registry import FAMILIES, PRECISIONS
+from .tiling import Tiling
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -163,9 +164,10 @@ class InputSpec:
     color: str = "rgb"
     pixel_scale: str = "dtype_max"  # uint8 -> /255, uint16 -> /65535; never guessed from the data
     name: str = "image"
+    tiling: Tiling | None = None  # frames are cut into tiles of this layout (edgead.tiling); None: whole frame
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "image_size": self.image_size,
             "color": self.color,
             "pixel_scale": self.pixel_scale,
@@ -173,11 +175,22 @@ class InputSpec:
             "std": list(self.std),
             "name": self.name,
         }
+        if self.tiling is not None:
+            d["tiling"] = self.tiling.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: object) -> InputSpec:
         d = _obj(d, "input")
-        _keys(d, "input", ("image_size", "color", "pixel_scale", "mean", "std"), ("name",))
+        _keys(d, "input", ("image_size", "color", "pixel_scale", "mean", "std"), ("name", "tiling"))
+        tiling = None
+        if d.get("tiling") is not None:
+            t = _obj(d["tiling"], "input.tiling")
+            _keys(t, "input.tiling", ("tile", "overlap"))
+            try:
+                tiling = Tiling(_int(t["tile"], "input.tiling.tile", 1), _int(t["overlap"], "input.tiling.overlap"))
+            except ConfigError as exc:
+                raise _err("input.tiling", str(exc), "a valid tile layout") from exc
         size = _int(d["image_size"], "input.image_size", 1)
         if d["color"] != "rgb":
             raise _err("input.color", repr(d["color"]), "'rgb' (the only model input order this release supports)")
@@ -190,6 +203,7 @@ class InputSpec:
             "rgb",
             "dtype_max",
             _str(d.get("name", "image"), "input.name"),
+            tiling,
         )
 
 

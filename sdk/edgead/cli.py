@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "datagen": ("build_engines.synthetic", "write a synthetic MVTec-layout dataset with structural and logical defects"),
     "distill": ("build_engines.efficientad.distill", "distil a PDN teacher from a pretrained backbone on an image folder"),
     "train": ("build_engines.efficientad.train", "train EfficientAD (student + autoencoder) on good images and calibrate it"),
+    "probe": ("build_engines.probe", "feature probe: PatchCore-style image AUROC of a feature extractor, no training"),
     "eval": ("build_engines.evaluate", "evaluate a run on a test set: AUROC, AU-PRO, F1-max, overlays"),
     "export": ("build_engines.export", "export a run to a bundle (simplified ONNX + manifest)"),
     "build": ("build_engines.trt_build", "compile a TensorRT engine into a bundle (needs TensorRT)"),

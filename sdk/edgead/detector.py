@@ -31,9 +31,10 @@ from .backends.onnxruntime import OnnxRuntimeBackend
 from .bundle import Bundle, load_bundle
 from .errors import BackendError, ConfigError, InputError, message
 from .postprocess import efficientad_postprocess
-from .preprocess import prepare
+from .preprocess import check_frame, prepare
 from .registry import BACKENDS, COLORS, PRECISIONS, check_choice
 from .result import Result
+from .tiling import Tiling
 
 __all__ = ["Detector", "resize_map"]
 
@@ -77,6 +78,8 @@ class Detector:
         allow_onnx_fallback: with ``backend="tensorrt"``, run the ONNX model with ONNX Runtime (WARNING logged)
             instead of refusing when no engine matches this GPU / TensorRT version.
         cuda_graph: replay TensorRT runs as CUDA graphs (per batch size).
+        on_nonfinite: what a NaN/inf score or map becomes: ``"ng"`` (default: decided NG, counted in
+            ``nonfinite_count``, WARNING logged; a broken engine never passes a part) or ``"raise"`` (BackendError).
 
     >>> det = Detector("bundle")                          # doctest: +SKIP
     >>> det.backend, det.precision, det.variant           # doctest: +SKIP
@@ -95,7 +98,10 @@ class Detector:
         precision: str | None = None,
         allow_onnx_fallback: bool = False,
         cuda_graph: bool = False,
+        on_nonfinite: str = "ng",
     ) -> None:
+        self._on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("ng", "raise"))
+        self._nonfinite = 0
         self._owns_bundle = not isinstance(bundle, Bundle)  # then close() removes a .tar's temporary extraction
         self._bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         manifest = self._bundle.manifest
@@ -222,6 +228,16 @@ class Detector:
         return self._threshold
 
     @property
+    def nonfinite_count(self) -> int:
+        """Frames whose score or map was NaN/inf (decided NG) since this Detector was created."""
+        return self._nonfinite
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """The bundle's tile layout (frames are cut into tiles of this many pixels), or None."""
+        return self._bundle.manifest.input.tiling
+
+    @property
     def bundle(self) -> Bundle:
         return self._bundle
 
@@ -262,33 +278,61 @@ class Detector:
     def _infer_chunk(self, frames: list[np.ndarray], color: str, map_size: str | tuple[int, int]) -> list[Result]:
         t0 = time.perf_counter()
         spec = self._bundle.manifest.input
-        batch = np.stack([prepare(f, spec.image_size, spec.mean, spec.std, color) for f in frames])  # validates each frame
-        shapes = [f.shape[:2] for f in frames]
+        tiling = spec.tiling
+        shapes = [check_frame(f, color).shape[:2] for f in frames]
+        # with a tiling every frame contributes its tiles; all tiles run as one batch (in max_batch chunks)
+        pieces = [t for f in frames for t in tiling.cut(f)] if tiling is not None else frames
+        counts = [len(tiling.layout(h, w)) for h, w in shapes] if tiling is not None else [1] * len(frames)
+        batch = np.stack([prepare(f, spec.image_size, spec.mean, spec.std, color) for f in pieces])
         t1 = time.perf_counter()
+        maps_parts, score_parts, infer_ms = [], [], 0.0
         with self._lock:
-            outputs, infer_ms = self._backend.timed_run(batch)
+            t_locked = time.perf_counter()
+            for i in range(0, len(batch), self.max_batch):
+                outputs, ms = self._backend.timed_run(batch[i : i + self.max_batch])
+                m, sc = self._maps_and_scores(outputs, len(batch[i : i + self.max_batch]))
+                maps_parts.append(m)
+                score_parts.append(sc)
+                infer_ms += ms
         t2 = time.perf_counter()
-        maps, scores = self._maps_and_scores(outputs, len(frames))
-        results = []
-        pre_ms = (t1 - t0) * 1e3
+        tile_maps, tile_scores = np.concatenate(maps_parts), np.concatenate(score_parts)
         n = len(frames)
-        resized = []
-        for m, shape in zip(maps, shapes, strict=True):
+        results = []
+        resized, scores = [], []
+        start = 0
+        for count, (fh, fw) in zip(counts, shapes, strict=True):
+            m_t, s_t = tile_maps[start : start + count], tile_scores[start : start + count]
+            start += count
+            if tiling is not None:
+                frame_map = tiling.stitch(m_t, int(fh), int(fw), self._post.pad)
+                model_hw = (max(1, round(fh * spec.image_size / tiling.tile)), max(1, round(fw * spec.image_size / tiling.tile)))
+                score = float(s_t.max()) if np.all(np.isfinite(s_t)) else float("nan")
+            else:
+                frame_map, model_hw, score = m_t[0], (spec.image_size, spec.image_size), float(s_t[0])
             if isinstance(map_size, tuple):
                 h, w = map_size
             elif map_size == "model":
-                h = w = spec.image_size
+                h, w = model_hw
             else:
-                h, w = int(shape[0]), int(shape[1])
-            resized.append(resize_map(m, h, w))
+                h, w = int(fh), int(fw)
+            resized.append(resize_map(frame_map, h, w))
+            scores.append(score)
         t3 = time.perf_counter()
         post_ms = (t3 - t2) * 1e3
         total_ms = (t3 - t0) * 1e3
-        lock_wait_ms = max(0.0, (t2 - t1) * 1e3 - infer_ms)
-        timings = {"preprocess": pre_ms / n, "inference": infer_ms / n, "postprocess": post_ms / n, "total": total_ms / n, "queue": lock_wait_ms / n}
-        for m, s in zip(resized, scores, strict=True):
-            score = float(s)
-            results.append(Result(score, m, score > self._threshold, self._threshold, dict(timings)))
+        lock_wait_ms = max(0.0, (t_locked - t1) * 1e3)
+        timings = {"preprocess": (t1 - t0) * 1e3 / n, "inference": infer_ms / n, "postprocess": post_ms / n, "total": total_ms / n, "queue": lock_wait_ms / n}
+        for m, score in zip(resized, scores, strict=True):
+            finite = math.isfinite(score) and bool(np.isfinite(m).all())
+            if not finite:
+                self._nonfinite += 1
+                if self._on_nonfinite == "raise":
+                    raise BackendError(
+                        message("model output", f"a non-finite score or map ({score})", "finite values", "check the bundle/engine (an FP16 overflow or a corrupt model); rebuild or re-export it")
+                    )
+                log.warning("non-finite model output (score %s): decided NG (%d so far)", score, self._nonfinite)
+            # fail safe: anything but a finite score at or below the threshold is NG
+            results.append(Result(score, m, not (finite and score <= self._threshold), self._threshold, dict(timings), finite))
         return results
 
     def _maps_and_scores(self, outputs: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:

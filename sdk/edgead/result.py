@@ -19,7 +19,8 @@ class Result:
     """One frame's outcome. ``anomaly_map`` is float32 (H, W); ``timings`` are milliseconds.
 
     ``timings`` keys: ``preprocess``, ``inference``, ``postprocess``, ``total``; in ``infer_batch``
-    they are the chunk's times divided by the frames in the chunk (amortised per frame).
+    they are the chunk's times divided by the frames in the chunk (amortised per frame). ``finite`` is
+    False when the model produced NaN/inf; such a result is always NG (fail safe).
     """
 
     score: float
@@ -27,10 +28,11 @@ class Result:
     is_anomalous: bool
     threshold: float
     timings: dict[str, float] = field(default_factory=dict)
+    finite: bool = True  # False: the model gave a NaN/inf score or map, decided NG whatever the threshold
 
     @property
     def decision(self) -> str:
-        """``"NG"`` (anomalous: score > threshold) or ``"OK"``."""
+        """``"NG"`` (anomalous: score > threshold, or a non-finite model output) or ``"OK"``."""
         return "NG" if self.is_anomalous else "OK"
 
     def __repr__(self) -> str:

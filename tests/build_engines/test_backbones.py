@@ -8,12 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from build_engines.efficientad.backbones import (
-    EfficientNetLite0,
+from build_engines.backbones import (
+    LITE_VARIANTS,
+    EfficientNetLite,
     PatchFeatures,
     SameConv2d,
     WideResNet101_2,
     lite0_package_weights,
+    lite_package_weights,
     load_backbone,
 )
 from build_engines.efficientad.models import pdn
@@ -43,7 +45,7 @@ def test_lite0_package_weights_load_strictly(lite0: torch.nn.Module) -> None:
 
 
 def test_lite0_architecture_matches_efficientnet_b0_without_se() -> None:
-    net = EfficientNetLite0()
+    net = EfficientNetLite("efficientnet-lite0")
     assert len(net._blocks) == 16
     assert sum(p.numel() for p in net.parameters()) == 4_652_008  # Lite0: 4.65 M parameters
     assert not any("_se_" in k for k in net.state_dict())
@@ -59,8 +61,36 @@ def test_same_conv_pads_like_tensorflow(size: int, pads: tuple[int, int, int, in
     torch.testing.assert_close(conv(x), expected)
 
 
+@pytest.mark.parametrize("variant, blocks, params, head_in", [("efficientnet-lite1", 21, 5_416_680, 320), ("efficientnet-lite2", 21, 6_092_072, 352)])
+def test_lite1_lite2_package_weights_load_strictly(variant: str, blocks: int, params: int, head_in: int) -> None:
+    state = torch.load(lite_package_weights(variant), map_location="cpu", weights_only=True)
+    net = load_backbone(variant)
+    assert isinstance(net, EfficientNetLite) and len(net._blocks) == blocks
+    assert set(net.state_dict()) == set(state) and len(state) == 386
+    assert all(torch.equal(net.state_dict()[k], v.float()) for k, v in state.items())
+    assert sum(p.numel() for p in net.parameters()) == params
+    assert net._conv_head.in_channels == head_in
+    assert net.stage_strides == (2, 4, 8, 16, 16, 32, 32)
+
+
+def test_lite_variants_share_stage_layout_and_differ_in_width() -> None:
+    with torch.device("meta"):
+        nets = {v: EfficientNetLite(v) for v in LITE_VARIANTS}
+    assert nets["efficientnet-lite0"].stage_channels == nets["efficientnet-lite1"].stage_channels == (16, 24, 40, 80, 112, 192, 320)
+    assert nets["efficientnet-lite2"].stage_channels == (16, 24, 48, 88, 120, 208, 352)
+    assert nets["efficientnet-lite0"].stage_ends == (0, 2, 4, 7, 10, 14, 15)
+
+
+@pytest.mark.parametrize("stages, scale, grid", [((3, 4, 5), 2, 16), ((2, 3), 1, 16), ((4,), 4, 16)])
+def test_patch_features_input_scale_keeps_the_pdn_grid(lite0: torch.nn.Module, stages: tuple[int, ...], scale: int, grid: int) -> None:
+    f = PatchFeatures(lite0, stages=stages).eval()
+    assert f.input_scale == scale
+    with torch.no_grad():
+        assert f(torch.zeros(1, 3, 64 * scale, 64 * scale)).shape == (1, 384, grid, grid)
+
+
 def test_lite0_block_strides(lite0: torch.nn.Module) -> None:
-    assert isinstance(lite0, EfficientNetLite0)
+    assert isinstance(lite0, EfficientNetLite)
     outs = lite0.block_outputs(torch.randn(1, 3, 128, 128), (4, 7, 10))
     assert [tuple(o.shape[1:]) for o in outs] == [(40, 16, 16), (80, 8, 8), (112, 8, 8)]
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from build_engines.efficientad import train as train_mod
 from build_engines.efficientad.run import load_run
-from build_engines.efficientad.train import PRESETS, TrainConfig, color_jitter, hard_feature_loss, train
+from build_engines.efficientad.models import EfficientAD
+from build_engines.efficientad.train import PRESETS, TrainConfig, color_jitter, hard_feature_loss, learning_rate, step_losses, train
 from build_engines.synthetic import generate
 from edgead.datasets import open_dataset, read_image, split_train_val
 from edgead.errors import ConfigError
@@ -89,6 +91,92 @@ def test_color_jitter_matches_pixel_reference() -> None:
         np.testing.assert_allclose(got[i], ref, rtol=1e-5, atol=1e-5)
 
 
+def _jitter_vectorised(x: torch.Tensor, kinds: np.ndarray, factors: np.ndarray) -> torch.Tensor:
+    """Independent torchvision-style jitter of normalised images (brightness / contrast / saturation)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    out = []
+    for img, kind, f in zip(x, kinds, factors, strict=True):
+        rgb = img * std + mean
+        gray = (torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1) * rgb).sum(0, keepdim=True)
+        blend = {0: torch.zeros_like(rgb), 1: gray.mean().expand_as(rgb), 2: gray.expand_as(rgb)}[int(kind)]
+        out.append(((float(f) * rgb + (1 - float(f)) * blend).clamp(0, 1) - mean) / std)
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> EfficientAD:
+    torch.manual_seed(0)
+    model = EfficientAD("s", 128).eval()  # eval: no dropout, so two forward passes agree
+    with torch.no_grad():  # teacher statistics of image-like inputs: the normalised teacher then varies with its input
+        raw = model.teacher((torch.rand(4, 3, 128, 128) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        model.teacher_mean.copy_(raw.mean((0, 2, 3), keepdim=True))
+        model.teacher_std.copy_(raw.std((0, 2, 3), keepdim=True))
+        # at PyTorch's default init the AE output hardly depends on its input (1e-6 relative) and the student's
+        # little; scaled, both do, so that feeding either the wrong image changes the losses by > 0.4 %
+        for net, gain in ((model.autoencoder, 2.5), (model.student, 2.0)):
+            for conv in net:
+                if isinstance(conv, torch.nn.Conv2d):
+                    conv.weight.mul_(gain)
+    return model
+
+
+def test_step_losses_match_an_independent_reference(tiny_model: EfficientAD) -> None:
+    """Each term from separate forward passes: catches swapped student halves, a dropped term, the AE on the
+    un-jittered image, a teacher not normalised, a penalty on the wrong half."""
+    m, c = tiny_model, tiny_model.out_channels
+    g = torch.Generator().manual_seed(1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = (torch.rand(2, 3, 128, 128, generator=g) - mean) / std  # images in the valid pixel range
+    pen = torch.randn(1, 3, 128, 128, generator=g)
+    kinds, factors = np.array([0, 2]), np.array([0.5, 0.0])  # strong jitter (half brightness, greyscale): easy to tell apart
+    with torch.no_grad():
+        teacher_x = (m.teacher(x) - m.teacher_mean) / m.teacher_std
+        got = step_losses(m, x, teacher_x, kinds, factors, mean, std, penalty=pen, p_hard=0.999)
+        x_ae = _jitter_vectorised(x, kinds, factors)
+        t_ae = (m.teacher(x_ae) - m.teacher_mean) / m.teacher_std
+        s_x, s_ae, a = m.student(x)[:, :c], m.student(x_ae)[:, c:], m.autoencoder(x_ae)
+        ref = {
+            "hard": _naive_hard_loss(teacher_x.numpy(), s_x.numpy(), 0.999),
+            "penalty": float((m.student(pen)[:, :c].double() ** 2).mean()),
+            "ae": float(((t_ae.double() - a.double()) ** 2).mean()),
+            "stae": float(((a.double() - s_ae.double()) ** 2).mean()),
+        }
+        # the comparison below can tell the right inputs from the plain image at every place that needs the jittered one
+        wrong = {
+            "ae": float(((t_ae.double() - m.autoencoder(x).double()) ** 2).mean()),
+            "ae (teacher)": float(((((m.teacher(x) - m.teacher_mean) / m.teacher_std).double() - a.double()) ** 2).mean()),
+            "stae": float(((a.double() - m.student(x)[:, c:].double()) ** 2).mean()),
+        }
+    for name, value in wrong.items():
+        assert value != pytest.approx(ref[name.split()[0]], rel=2e-3), name
+    for name, value in ref.items():
+        assert float(getattr(got, name)) == pytest.approx(value, rel=1e-4), name
+    assert float(got.total) == pytest.approx(sum(ref.values()), rel=1e-4)
+    assert float(step_losses(m, x, teacher_x, kinds, factors, mean, std).penalty) == 0.0
+
+
+def test_every_trained_part_gets_a_gradient(tiny_model: EfficientAD) -> None:
+    m = tiny_model
+    m.zero_grad()
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        t = m.normalised_teacher(x)
+    step_losses(m, x, t, np.array([0]), np.array([1.1]), mean, std, penalty=x).total.backward()
+    last = m.student[-1].weight.grad
+    c = m.out_channels
+    assert last[:c].abs().sum() > 0 and last[c:].abs().sum() > 0  # both halves learn (hard + penalty, stae)
+    assert m.autoencoder[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.teacher.parameters())
+    m.zero_grad()
+
+
+def test_learning_rate_drops_tenfold_at_the_configured_fraction() -> None:
+    cfg = TrainConfig(data="d", out="o", preset="cpu", steps=40, lr=2e-3, lr_drop_fraction=0.75).with_preset()
+    assert [learning_rate(s, cfg) for s in (0, 29, 30, 39)] == pytest.approx([2e-3, 2e-3, 2e-4, 2e-4])
+
+
 def test_presets_fill_only_unset_options() -> None:
     cfg = TrainConfig(data="d", out="o", preset="cpu", steps=7).with_preset()
     assert cfg.steps == 7 and cfg.image_size == PRESETS["cpu"]["image_size"] and cfg.batch_size == PRESETS["cpu"]["batch_size"]
@@ -155,6 +243,44 @@ def test_tiny_run_writes_a_complete_loadable_run_dir(full_run: Path, data: Path)
     scores = np.maximum(merged.reshape(len(val_paths), -1).max(axis=1), 0.0)  # padding adds zeros
     assert cal.threshold == pytest.approx(float(scores.max()), rel=1e-4)
     assert cal.threshold_method.startswith("max of 2")
+
+
+def test_teacher_statistics_are_channel_mean_and_std_of_the_training_images(full_run: Path, data: Path) -> None:
+    run = load_run(full_run)
+    train_paths, _ = split_train_val(open_dataset(data).train_good, 0.34, 5)
+    x = torch.from_numpy(np.stack([prepare(read_image(p), 128) for p in train_paths]))
+    with torch.no_grad():
+        raw = run.model.teacher(x).double().numpy()
+    np.testing.assert_allclose(run.model.teacher_mean.flatten().numpy(), raw.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run.model.teacher_std.flatten().numpy(), raw.std(axis=(0, 2, 3)), rtol=1e-4, atol=1e-6)
+
+
+def test_training_loop_feeds_the_losses_what_the_recipe_says(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wiring: the cached teacher target is the normalised teacher of the very batch, the penalty image is
+    given on every step, jitter draws stay in the paper's ranges, and the logged lr follows the schedule."""
+    pen_dir = tmp_path / "generic"
+    pen_dir.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(pen_dir / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (300, 200, 3), dtype=np.uint8))
+    calls: list[dict] = []
+    real = train_mod.step_losses
+
+    def spy(model, x, teacher_x, kinds, factors, mean, std, *, penalty=None, p_hard=0.999):  # type: ignore[no-untyped-def]
+        with torch.no_grad():
+            expected = model.normalised_teacher(x)
+        calls.append({"target_error": float((expected - teacher_x).abs().max()), "penalty": penalty, "kinds": kinds, "factors": factors, "p_hard": p_hard})
+        return real(model, x, teacher_x, kinds, factors, mean, std, penalty=penalty, p_hard=p_hard)
+
+    monkeypatch.setattr(train_mod, "step_losses", spy)
+    out = train(_cfg(data, tmp_path / "run", steps=4, lr=1e-3, lr_drop_fraction=0.5, penalty_data=str(pen_dir), log_every=1))
+    assert len(calls) == 4
+    assert max(call["target_error"] for call in calls) < 1e-4
+    assert all(call["penalty"] is not None and tuple(call["penalty"].shape) == (1, 3, 128, 128) for call in calls)
+    assert all(set(call["kinds"].tolist()) <= {0, 1, 2} and np.all((call["factors"] >= 0.8) & (call["factors"] <= 1.2)) for call in calls)
+    assert {call["p_hard"] for call in calls} == {0.999}
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"step"' in line]
+    assert [r["lr"] for r in records] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    assert all(r["loss_penalty"] > 0 for r in records)
 
 
 def test_resume_gives_identical_results(full_run: Path, data: Path, tmp_path: Path) -> None:

@@ -85,6 +85,37 @@ def test_decision_against_threshold(bundle_dir: Path) -> None:
     assert equal.decision == "OK"  # strictly greater is anomalous
 
 
+@pytest.fixture(scope="module")
+def broken_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Bundles whose model outputs NaN (a corrupt weight) or inf (an overflow), as a bad engine would."""
+    out = {}
+    for name, value in (("nan", np.nan), ("inf", np.float32(3e38))):
+        w = tb.weights(0)
+        w["w_t"][0, 0, 0, 0] = value  # NaN everywhere in teacher channel 0 / squares that overflow float32
+        out[name] = tb.make_bundle(tmp_path_factory.mktemp(name) / "bundle", w=w)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+@pytest.mark.parametrize("variant", ["merged", "raw"])
+def test_a_non_finite_model_output_is_never_ok(broken_bundles: dict[str, Path], kind: str, variant: str) -> None:
+    with Detector(broken_bundles[kind], backend="onnxruntime", threads=1, variant=variant, threshold=1e30) as det:
+        single = det.infer(frame(1))
+        batch = det.infer_batch([frame(2), frame(3)])
+        assert det.nonfinite_count == 3
+    for r in [single, *batch]:
+        assert (r.decision, r.is_anomalous, r.finite) == ("NG", True, False)
+    with Detector(broken_bundles[kind], backend="onnxruntime", threads=1, variant=variant, on_nonfinite="raise") as det:
+        with pytest.raises(BackendError, match="non-finite"):
+            det.infer(frame(1))
+
+
+def test_finite_results_say_so(det: Detector) -> None:
+    assert det.infer(frame(1)).finite is True
+    with pytest.raises(ConfigError, match="on_nonfinite"):
+        Detector(load_bundle(det.bundle.root), backend="onnxruntime", on_nonfinite="ok")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), "0.5", True, float("inf")])
 def test_threshold_validated(bundle_dir: Path, bad: object) -> None:
     with pytest.raises(ConfigError, match="threshold"):

@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgead.bundle import InputSpec, Manifest, PostprocessSpec, Producer, ThresholdSpec, VariantSpec, write_bundle
+from edgead.tiling import Tiling
 
 IMAGE_SIZE = 32
 C = 4
@@ -89,11 +90,11 @@ def merged_model(w: dict[str, np.ndarray]) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
-def manifest(variants: tuple[str, ...] = ("merged", "raw")) -> Manifest:
+def manifest(variants: tuple[str, ...] = ("merged", "raw"), tiling: Tiling | None = None) -> Manifest:
     return Manifest(
         family="efficientad",
         size="s",
-        input=InputSpec(IMAGE_SIZE, MEAN, STD),
+        input=InputSpec(IMAGE_SIZE, MEAN, STD, tiling=tiling),
         variants={v: VariantSpec(f"model_{v}.onnx") for v in variants},
         postprocess=PostprocessSpec(Q["qa_st"], Q["qb_st"], Q["qa_ae"], Q["qb_ae"], PAD),
         threshold=ThresholdSpec(THRESHOLD, "test: fixed"),
@@ -101,9 +102,11 @@ def manifest(variants: tuple[str, ...] = ("merged", "raw")) -> Manifest:
     )
 
 
-def make_bundle(out_dir: Path, seed: int = 0, variants: tuple[str, ...] = ("merged", "raw")) -> Path:
-    """Write the tiny bundle to ``out_dir`` (ONNX sources in a sibling folder) and return it."""
-    w = weights(seed)
+def make_bundle(
+    out_dir: Path, seed: int = 0, variants: tuple[str, ...] = ("merged", "raw"), *, tiling: Tiling | None = None, w: dict[str, np.ndarray] | None = None
+) -> Path:
+    """Write the tiny bundle to ``out_dir`` (ONNX sources in a sibling folder) and return it; ``w`` replaces the weights."""
+    w = weights(seed) if w is None else w
     src = out_dir.parent / f"{out_dir.name}_src"
     src.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -113,7 +116,7 @@ def make_bundle(out_dir: Path, seed: int = 0, variants: tuple[str, ...] = ("merg
         path = src / f"model_{v}.onnx"
         onnx.save(model, str(path))
         files[path.name] = path
-    return write_bundle(out_dir, manifest(variants), files)
+    return write_bundle(out_dir, manifest(variants, tiling), files)
 
 
 def reference_outputs(frame_bgr_u8: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

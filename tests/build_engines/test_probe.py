@@ -1,0 +1,127 @@
+"""Feature probe: coreset and nearest-neighbour against brute force, a separable set reaches ~1.0, a label-free control ~0.5."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from build_engines.probe import greedy_coreset, main, nearest_distance, parse_extractor, probe_dataset, run_probe
+from edgead.datasets import open_dataset
+from edgead.errors import ConfigError
+
+torch.set_num_threads(1)
+
+
+def _texture(rng: np.random.Generator, size: int = 128) -> np.ndarray:
+    base = cv2.GaussianBlur(rng.normal(128, 40, (size, size)).astype(np.float32), (0, 0), 2.0)
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def _write_set(root: Path, *, n_train: int, n_good: int, n_bad: int, defect: bool, seed: int = 0) -> Path:
+    """MVTec layout; 'bad' images carry a dark 24x24 square (or nothing at all when ``defect`` is False)."""
+    rng = np.random.default_rng(seed)
+    for folder, count, bad in (("train/good", n_train, False), ("test/good", n_good, False), ("test/square", n_bad, True)):
+        (root / folder).mkdir(parents=True)
+        if bad:
+            (root / "ground_truth/square").mkdir(parents=True)
+        for i in range(count):
+            img = _texture(rng)
+            mask = np.zeros_like(img)
+            if bad and defect:
+                y, x = rng.integers(20, 84, 2)
+                img[y : y + 24, x : x + 24] = 10
+                mask[y : y + 24, x : x + 24] = 255
+            cv2.imwrite(str(root / folder / f"{i:03d}.png"), img)
+            if bad:
+                cv2.imwrite(str(root / "ground_truth/square" / f"{i:03d}_mask.png"), mask)
+    return root
+
+
+def _brute_force_greedy(x: np.ndarray, n: int, first: int) -> list[int]:
+    chosen = [first]
+    while len(chosen) < n:
+        d = np.min([[np.sum((a - x[c]) ** 2) for c in chosen] for a in x], axis=1)
+        chosen.append(int(np.argmax(d)))
+    return chosen
+
+
+def test_greedy_coreset_matches_brute_force_k_center() -> None:
+    x = torch.randn(60, 5, generator=torch.Generator().manual_seed(3))
+    got = greedy_coreset(x, 12, seed=1, projection_dim=5)  # no projection: exact distances
+    assert got.tolist() == _brute_force_greedy(x.numpy().astype(np.float64), 12, int(got[0]))
+
+
+def test_greedy_coreset_keeps_the_rare_points_a_random_subsample_loses() -> None:
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(5000, 16, generator=g) * 0.1
+    rare = torch.randn(5, 16, generator=g) * 0.1 + 10.0 * torch.eye(16)[:5]
+    x = torch.cat([common, rare])
+    kept = set(greedy_coreset(x, 50, seed=0).tolist())
+    assert set(range(5000, 5005)) <= kept
+
+
+def test_greedy_coreset_groups_cover_every_group_with_the_requested_size() -> None:
+    x = torch.randn(10_000, 8, generator=torch.Generator().manual_seed(0))
+    idx = greedy_coreset(x, 1000, group=3000)
+    assert len(idx) == 1000 and len(set(idx.tolist())) == 1000
+    counts = np.histogram(idx.numpy(), bins=[0, 2500, 5000, 7500, 10_000])[0]
+    assert counts.min() >= 240  # 4 groups of 2500 rows, 250 each
+
+
+def test_nearest_distance_matches_cdist() -> None:
+    g = torch.Generator().manual_seed(1)
+    q, b = torch.randn(300, 7, generator=g), torch.randn(200, 7, generator=g)
+    torch.testing.assert_close(nearest_distance(q, b, chunk=64), torch.cdist(q.double(), b.double()).min(1).values.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_probe_finds_an_obvious_defect(tmp_path: Path) -> None:
+    ds = open_dataset(_write_set(tmp_path / "sq", n_train=12, n_good=10, n_bad=10, defect=True))
+    result = probe_dataset(parse_extractor("random", 128, seed=0), ds, coreset=0.25, pixel=True)
+    assert result["image_auroc"] >= 0.98
+    assert result["pixel_auroc"] >= 0.9
+    assert result["train_patches"] == 11 * 24 * 24  # 12 train/good, 1 held out like `edgead train`
+    assert result["bank_vectors"] == round(0.25 * result["train_patches"])
+
+
+def test_probe_without_defects_is_at_chance(tmp_path: Path) -> None:
+    """Label-free control: 'defective' test images drawn like the good ones must score like them."""
+    ds = open_dataset(_write_set(tmp_path / "none", n_train=12, n_good=30, n_bad=30, defect=False, seed=5))
+    aurocs = [probe_dataset(parse_extractor("random", 128, seed=s), ds, coreset=0.25, seed=s)["image_auroc"] for s in range(2)]
+    assert 0.3 <= float(np.mean(aurocs)) <= 0.7
+
+
+def test_run_probe_reports_spread_and_cli_writes_json(tmp_path: Path) -> None:
+    root = _write_set(tmp_path / "sq", n_train=6, n_good=4, n_bad=4, defect=True)
+    report = run_probe([root], ["random"], seeds=2, coreset=0.5)
+    entry = report["summary"]["random"]["sq"]["image_auroc"]
+    assert entry["min"] <= entry["mean"] <= entry["max"]
+    assert len(report["rows"]) == 2 and {r["seed"] for r in report["rows"]} == {0, 1}
+    out = tmp_path / "probe.json"
+    assert main(["--data", str(root), "--extractor", "random", "--seeds", "1", "--coreset", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["summary"]["random"]["sq"]["image_auroc"]["mean"] >= 0.9
+
+
+def test_target_extractor_grid_matches_the_pdn_grid() -> None:
+    frames = [np.zeros((100, 140, 3), np.uint8)]
+    target = parse_extractor("target:efficientnet-lite0:3,4,5", 128)
+    teacher = parse_extractor("random", 128)
+    assert target.forward(frames).shape[-1] == 128 // 4
+    assert teacher.forward(frames).shape[-1] + 2 * teacher.pad == 128 // 4
+    assert parse_extractor("target:efficientnet-lite1:2,3", 128).forward(frames).shape == (1, 384, 32, 32)
+
+
+@pytest.mark.parametrize("spec", ["resnet", "target:wide_resnet101_2", "target:efficientnet-lite0:5,3"])
+def test_bad_extractor_specs_are_refused(spec: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_extractor(spec, 128)
+
+
+def test_bad_coreset_is_refused(tmp_path: Path) -> None:
+    ds = open_dataset(_write_set(tmp_path / "sq", n_train=3, n_good=1, n_bad=1, defect=True))
+    with pytest.raises(ConfigError, match="coreset"):
+        probe_dataset(parse_extractor("random", 128), ds, coreset=0.0)
