@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from build_engines.devices import DEVICES, resolve_device
 from build_engines.backbones import BACKBONES, PatchFeatures, lite0_package_weights, load_backbone
+from build_engines.devices import DEVICES, resolve_device
 from build_engines.efficientad.models import OUT_CHANNELS, pdn
 from build_engines.efficientad.teacher import teacher_state_dict
 from edgead.errors import BackendError, ConfigError, DataError, MissingDependencyError, message

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from build_engines.efficientad import train as train_mod
-from build_engines.efficientad.run import load_run
 from build_engines.efficientad.models import EfficientAD
+from build_engines.efficientad.run import load_run
 from build_engines.efficientad.train import PRESETS, TrainConfig, color_jitter, hard_feature_loss, learning_rate, step_losses, train
 from build_engines.synthetic import generate
 from edgead.datasets import open_dataset, read_image, split_train_val
