@@ -130,7 +130,7 @@ class MergedGraph(nn.Module):
         glob = torch.mean((a - s[:, c:]) ** 2, dim=1, keepdim=True)
         merged = local * self.w_st + glob * self.w_ae + self.offset
         if self.pad:
-            merged = nn.functional.pad(merged, (self.pad, self.pad, self.pad, self.pad), mode="constant", value=0.0)
+            merged = nn.functional.pad(merged, (self.pad, self.pad, self.pad, self.pad), mode="replicate")  # ONNX Pad mode=edge
         score = torch.amax(merged, dim=(1, 2, 3))
         return merged, score
 

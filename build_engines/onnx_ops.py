@@ -48,6 +48,7 @@ SUPPORTED_OPS: frozenset[str] = frozenset(
 
 _RESIZE_MODES = frozenset({"nearest", "linear"})
 _RESIZE_TRANSFORMS = frozenset({"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"})
+_PAD_MODES = frozenset({"constant", "reflect", "edge"})  # TensorRT 10 pads through ISliceLayer (fill / reflect / clamp)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ def unsupported_ops(model: Any) -> list[OpIssue]:
             transform = _attr(node, "coordinate_transformation_mode", "half_pixel")
             if mode not in _RESIZE_MODES or transform not in _RESIZE_TRANSFORMS or _attr(node, "antialias", 0):
                 issues.append(OpIssue(name, "Resize", f"mode={mode}, coordinate_transformation_mode={transform} not supported"))
+        if node.op_type == "Pad" and _attr(node, "mode", "constant") not in _PAD_MODES:
+            issues.append(OpIssue(name, "Pad", f"mode={_attr(node, 'mode', 'constant')} not supported"))
         if node.op_type == "Dropout" and len(node.input) >= 3 and node.input[2]:
             issues.append(OpIssue(name, "Dropout", "training_mode input present (must be absent/False: export in eval mode)"))
     return issues

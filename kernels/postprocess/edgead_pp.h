@@ -2,7 +2,8 @@
  *
  * Layout: teacher T (n,c,h,w), student S (n,2c,h,w), autoencoder A (n,c,h,w), NCHW contiguous,
  * dtype EDGEAD_PP_FP32 or EDGEAD_PP_FP16 (same codes as TensorRT's DataType FLOAT/HALF).
- * map_out: (n, h+2*pad, w+2*pad) float32; score_out: (n,) float32 = max of each padded map.
+ * map_out: (n, h+2*pad, w+2*pad) float32, edge-padded (the border repeats the nearest computed pixel);
+ * score_out: (n,) float32 = max of each map.
  * CUDA entry points take device pointers and a cudaStream_t passed as void* (NULL = legacy default
  * stream); they are asynchronous on that stream. Host twins take host pointers and no stream.
  * Every function returns EDGEAD_PP_OK (0) or an error code; edgead_pp_last_error() gives the
@@ -35,7 +36,7 @@ enum {
   EDGEAD_PP_ERR_CUDA = 5      /* a CUDA runtime call or kernel launch failed */
 };
 
-/* ABI version; bump when a signature changes. */
+/* ABI version; bump when a signature or a result changes (2: edge padding instead of zeros). */
 EDGEAD_PP_API int edgead_pp_version(void);
 /* 1 for the CUDA build, 0 for the host build. */
 EDGEAD_PP_API int edgead_pp_is_cuda(void);

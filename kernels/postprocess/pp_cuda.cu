@@ -6,8 +6,10 @@
  * differences in fp32; the CG partial sums are reduced in shared memory in a fixed order (deterministic),
  * the merged normalised value is written to the padded map, and the per-image max is reduced with
  * warp shuffles on order-preserving uint keys + one atomicMax per warp (negative values are handled
- * by the key mapping; see pp_math.cuh). Extra blocks beyond the pixel tiles write the zero border.
- * score_out is used as the uint key buffer (memset to 0 first) and decoded in place by a final tiny kernel.
+ * by the key mapping; see pp_math.cuh). A second kernel fills the border by edge padding (each border
+ * element copies the nearest seen one; copies cannot change the max, so the score is the max of the seen
+ * pixels). score_out is used as the uint key buffer (memset to 0 first) and decoded in place by a final
+ * tiny kernel.
  */
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -30,24 +32,13 @@ __device__ __forceinline__ uint32_t warp_max_u32(uint32_t v) {
 
 template <typename T>
 __global__ void __launch_bounds__(kTile* kGroups) fused_maps_kernel(const T* __restrict__ t, const T* __restrict__ s, const T* __restrict__ a, int c,
-                                                                     int h, int w, int pad, Affine2 q, int tiles, float* __restrict__ map_out,
+                                                                     int h, int w, int pad, Affine2 q, float* __restrict__ map_out,
                                                                      uint32_t* __restrict__ keys) {
   const int b = blockIdx.y;
   const int64_t hw = (int64_t)h * w;
   const int wp = w + 2 * pad;
   const int64_t plane_out = (int64_t)(h + 2 * pad) * wp;
   float* mb = map_out + (int64_t)b * plane_out;
-
-  if ((int)blockIdx.x >= tiles) { /* border blocks: zeros, and 0 takes part in the max */
-    const int64_t j = (int64_t)((int)blockIdx.x - tiles) * (kTile * kGroups) + threadIdx.y * kTile + threadIdx.x;
-    if (j < border_count(h, w, pad)) {
-      int y, x;
-      border_position(j, h, w, pad, y, x);
-      mb[(int64_t)y * wp + x] = 0.0f;
-    }
-    if (threadIdx.x == 0 && threadIdx.y == 0) atomicMax(keys + b, score_key(0.0f));
-    return;
-  }
 
   __shared__ float part_l[kGroups][kTile];
   __shared__ float part_g[kGroups][kTile];
@@ -83,6 +74,17 @@ __global__ void __launch_bounds__(kTile* kGroups) fused_maps_kernel(const T* __r
   }
   key = warp_max_u32(key);
   if (threadIdx.x == 0) atomicMax(keys + b, key);
+}
+
+/* Edge padding of the (h+2p, w+2p) maps after fused_maps_kernel wrote their interiors (same stream). */
+__global__ void edge_pad_kernel(float* __restrict__ map_out, int h, int w, int pad) {
+  const int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= border_count(h, w, pad)) return;
+  const int wp = w + 2 * pad;
+  float* mb = map_out + (int64_t)blockIdx.y * (h + 2 * pad) * wp;
+  int y, x;
+  border_position(j, h, w, pad, y, x);
+  mb[(int64_t)y * wp + x] = mb[(int64_t)clamp_index(y, pad, pad + h - 1) * wp + clamp_index(x, pad, pad + w - 1)];
 }
 
 __global__ void decode_scores_kernel(uint32_t* keys, int n) {
@@ -124,16 +126,21 @@ int edgead_pp_efficientad(const void* t, const void* s, const void* a, int dtype
   if (err != cudaSuccess) return cuda_fail(err, "cudaMemsetAsync(score_out)");
   const int64_t hw = (int64_t)h * w;
   const int tiles = (int)((hw + kTile - 1) / kTile);
-  const int border_blocks = (int)((border_count(h, w, pad) + kTile * kGroups - 1) / (kTile * kGroups));
-  const dim3 grid((unsigned)(tiles + border_blocks), (unsigned)n);
+  const dim3 grid((unsigned)tiles, (unsigned)n);
   const dim3 block(kTile, kGroups);
   if (dtype == EDGEAD_PP_FP32)
-    fused_maps_kernel<float><<<grid, block, 0, st>>>((const float*)t, (const float*)s, (const float*)a, c, h, w, pad, q, tiles, map_out, keys);
+    fused_maps_kernel<float><<<grid, block, 0, st>>>((const float*)t, (const float*)s, (const float*)a, c, h, w, pad, q, map_out, keys);
   else
     fused_maps_kernel<uint16_t>
-        <<<grid, block, 0, st>>>((const uint16_t*)t, (const uint16_t*)s, (const uint16_t*)a, c, h, w, pad, q, tiles, map_out, keys);
+        <<<grid, block, 0, st>>>((const uint16_t*)t, (const uint16_t*)s, (const uint16_t*)a, c, h, w, pad, q, map_out, keys);
   err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_fail(err, "fused_maps_kernel launch");
+  if (pad > 0) {
+    const int64_t border = border_count(h, w, pad);
+    edge_pad_kernel<<<dim3((unsigned)((border + 255) / 256), (unsigned)n), 256, 0, st>>>(map_out, h, w, pad);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return cuda_fail(err, "edge_pad_kernel launch");
+  }
   decode_scores_kernel<<<(n + 127) / 128, 128, 0, st>>>(keys, n);
   err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_fail(err, "decode_scores_kernel launch");

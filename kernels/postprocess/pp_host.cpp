@@ -77,8 +77,7 @@ static void efficientad_host(const T* t, const T* s, const T* a, int n, int c, i
                       acc_l[(size_t)i], acc_g[(size_t)i]);
     }
     float* mb = map_out + (int64_t)b * hp * wp;
-    uint32_t best = score_key(pad > 0 ? 0.0f : -INFINITY);
-    for (int64_t j = 0; j < (int64_t)hp * wp; ++j) mb[j] = 0.0f;
+    uint32_t best = score_key(-INFINITY);
     for (int y = 0; y < h; ++y)
       for (int x = 0; x < w; ++x) {
         const float v = merge_pixel(acc_l[(size_t)y * w + x], acc_g[(size_t)y * w + x], inv_c, q);
@@ -86,6 +85,11 @@ static void efficientad_host(const T* t, const T* s, const T* a, int n, int c, i
         const uint32_t key = score_key(v);
         if (key > best) best = key;
       }
+    for (int64_t j = 0; j < border_count(h, w, pad); ++j) { /* edge padding, in the CUDA border order */
+      int y, x;
+      border_position(j, h, w, pad, y, x);
+      mb[(int64_t)y * wp + x] = mb[(int64_t)clamp_index(y, pad, pad + h - 1) * wp + clamp_index(x, pad, pad + w - 1)];
+    }
     score_out[b] = ordered_to_float(best);
   }
 }
@@ -96,7 +100,7 @@ using namespace edgead_pp;
 
 extern "C" {
 
-int edgead_pp_version(void) { return 1; }
+int edgead_pp_version(void) { return 2; }
 
 int edgead_pp_is_cuda(void) {
 #if defined(EDGEAD_PP_WITH_CUDA)

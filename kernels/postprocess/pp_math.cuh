@@ -121,6 +121,10 @@ EDGEAD_HD float ordered_to_float(uint32_t k) {
  * on the host and the device alike (as numpy's max does). */
 EDGEAD_HD uint32_t score_key(float v) { return v != v ? 0xFFFFFFFFu : float_to_ordered(v); }
 
+/* Edge padding: the border element (y, x) of the padded map copies the seen element nearest to it,
+ * at (clamp(y, pad, pad+h-1), clamp(x, pad, pad+w-1)) in padded coordinates. */
+EDGEAD_HD int clamp_index(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
 /* Position (y, x) in the padded (h+2p, w+2p) map of the j-th border element (0 <= j < border_count). */
 EDGEAD_HD int64_t border_count(int h, int w, int pad) {
   return (int64_t)(h + 2 * pad) * (w + 2 * pad) - (int64_t)h * w;

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 DTYPE_FP32 = 0  # same codes as TensorRT's DataType.FLOAT / DataType.HALF
 DTYPE_FP16 = 1
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIBRARY_NAMES = {"host": "libedgead_pp_host.so", "cuda": "libedgead_pp_cuda.so"}
 _KINDS = tuple(LIBRARY_NAMES)
 NP_DTYPES: dict[np.dtype, int] = {np.dtype(np.float32): DTYPE_FP32, np.dtype(np.float16): DTYPE_FP16}

@@ -132,7 +132,8 @@ def test_merged_graph_matches_eager_plus_numpy_reference(model: EfficientAD, gra
     assert _rel(maps[:, 0], ref_maps) <= 1e-4
     assert _rel(scores, ref_scores) <= 1e-4
     assert np.array_equal(np.argsort(scores), np.argsort(ref_scores))
-    assert np.all(maps[:, 0, :4] == 0.0) and np.all(maps[:, 0, :, -4:] == 0.0)  # the padding ring
+    inner = maps[:, 0, 4:-4, 4:-4]  # the padding ring repeats the nearest computed cell (ONNX Pad mode=edge)
+    assert np.array_equal(maps[:, 0], np.pad(inner, ((0, 0), (4, 4), (4, 4)), mode="edge"))
 
 
 def test_in_graph_postprocess_equals_reference_on_onnx_raw_outputs(graphs: dict[str, Path], inputs: dict[str, np.ndarray]) -> None:
@@ -195,6 +196,7 @@ def _toy(op: str, domain: str = "", opset: int = 17, **attrs: object) -> onnx.Mo
         (_toy("MyPlugin", domain="com.example"), "custom domain"),
         (_toy("Relu", opset=23), "opset 23"),
         (_toy("Resize", mode="cubic"), "mode=cubic"),
+        (_toy("Pad", opset=19, mode="wrap"), "mode=wrap"),
     ],
 )
 def test_op_check_rejects_what_tensorrt_refuses(model: onnx.ModelProto, needle: str) -> None:
@@ -206,6 +208,7 @@ def test_op_check_rejects_what_tensorrt_refuses(model: onnx.ModelProto, needle: 
 
 def test_op_check_accepts_a_supported_toy_graph() -> None:
     assert unsupported_ops(_toy("Relu")) == []
+    assert unsupported_ops(_toy("Pad", mode="edge")) == []
 
 
 def test_export_refuses_bad_opset_and_training_mode(model: EfficientAD, tmp_path: Path) -> None:

@@ -66,7 +66,6 @@ def merged_model(w: dict[str, np.ndarray]) -> onnx.ModelProto:
         "k_st": np.array(0.5 * st_scale, np.float32),
         "k_ae": np.array(0.5 * ae_scale, np.float32),
         "pads": np.array([0, 0, PAD, PAD, 0, 0, PAD, PAD], np.int64),
-        "zero": np.array(0.0, np.float32),
     }
     inits += [numpy_helper.from_array(v, k) for k, v in consts.items()]
     nodes += [
@@ -82,7 +81,7 @@ def merged_model(w: dict[str, np.ndarray]) -> onnx.ModelProto:
         helper.make_node("Sub", ["glob", "qa_ae"], ["g0"]),
         helper.make_node("Mul", ["g0", "k_ae"], ["g1"]),
         helper.make_node("Add", ["l1", "g1"], ["merged"]),
-        helper.make_node("Pad", ["merged", "pads", "zero"], ["anomaly_map"], mode="constant"),
+        helper.make_node("Pad", ["merged", "pads"], ["anomaly_map"], mode="edge"),
         helper.make_node("ReduceMax", ["anomaly_map"], ["score"], axes=[1, 2, 3], keepdims=0),
     ]
     ins, outs = _io([("anomaly_map", ["N", 1, h + 2 * PAD, h + 2 * PAD]), ("score", ["N"])])
