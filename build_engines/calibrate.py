@@ -6,8 +6,11 @@ Two things are fitted, both from normal images only:
   local (teacher vs student) and global (autoencoder vs student) maps, taken over all pixels of all
   validation images at feature resolution (before padding and resizing), as the reference implementation;
 * the image threshold: a documented statistic of the validation image scores computed with
-  ``edgead.postprocess.merge_maps`` (the runtime's definition). Methods:
-  ``"max"`` (default: no validation image is flagged) or ``"quantile:Q"`` (e.g. ``"quantile:0.99"``).
+  ``edgead.postprocess.merge_maps`` (the runtime's definition; with a tiling, an image's score is the
+  max over its tiles). Methods: ``"max"`` (no validation image is flagged), ``"quantile:Q"`` (e.g.
+  ``"quantile:0.99"``: about 1 - Q of good parts rejected) or ``"sigma:K"`` (mean + K standard
+  deviations). The validation scores are kept in the run, so ``edgead eval`` can show every rule's
+  operating point without recomputing anything.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ from edgead.postprocess import EfficientADPost, QuantileAffine, efficientad_maps
 from .efficientad.models import EfficientAD
 from .efficientad.run import Calibration
 
-__all__ = ["QA", "QB", "THRESHOLD_METHODS", "model_outputs", "fit_quantiles", "fit_threshold", "calibrate"]
+__all__ = ["QA", "QB", "THRESHOLD_METHODS", "model_outputs", "fit_quantiles", "fit_threshold", "frame_scores", "calibrate"]
 
 log = logging.getLogger(__name__)
 
 QA = 0.9
 QB = 0.995
-THRESHOLD_METHODS = ("max", "quantile:Q")
+THRESHOLD_METHODS = ("max", "quantile:Q", "sigma:K")
 
 
 @torch.no_grad()
@@ -88,18 +91,20 @@ def fit_quantiles(local: np.ndarray, glob: np.ndarray, qa: float = QA, qb: float
 
 
 def parse_threshold_method(method: str) -> tuple[str, float | None]:
-    """'max' -> ('max', None); 'quantile:0.99' -> ('quantile', 0.99); anything else raises ConfigError."""
+    """'max' -> ('max', None); 'quantile:0.99' -> ('quantile', 0.99); 'sigma:3' -> ('sigma', 3.0); else ConfigError."""
     text = str(method).strip().lower()
     if text == "max":
         return "max", None
-    if text.startswith("quantile:"):
-        try:
-            q = float(text.split(":", 1)[1])
-        except ValueError:
-            q = float("nan")
-        if 0.0 < q < 1.0:
-            return "quantile", q
-    raise ConfigError(message("threshold method", repr(method), "'max' or 'quantile:Q' with 0 < Q < 1", "pass --threshold max or --threshold quantile:0.99"))
+    kind, _, arg = text.partition(":")
+    try:
+        value = float(arg)
+    except ValueError:
+        value = float("nan")
+    if (kind == "quantile" and 0.0 < value < 1.0) or (kind == "sigma" and 0.0 <= value <= 20.0):
+        return kind, value
+    raise ConfigError(
+        message("threshold method", repr(method), "'max', 'quantile:Q' with 0 < Q < 1, or 'sigma:K' with 0 <= K <= 20", "pass --threshold quantile:0.99 or --threshold sigma:3")
+    )
 
 
 def fit_threshold(scores: Sequence[float] | np.ndarray, method: str = "max") -> tuple[float, str]:
@@ -115,7 +120,25 @@ def fit_threshold(scores: Sequence[float] | np.ndarray, method: str = "max") -> 
     if kind == "max":
         return float(values.max()), f"max of {values.size} validation-good image scores"
     assert q is not None
+    if kind == "sigma":
+        return float(values.mean() + q * values.std()), f"mean + {q:g} std of {values.size} validation-good image scores"
     return float(np.quantile(values, q)), f"quantile {q} (linear) of {values.size} validation-good image scores"
+
+
+def frame_scores(scores: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Per-image scores from per-row (tile) scores: the max over the rows of each image.
+
+    >>> frame_scores(np.array([0.1, 0.5, 0.2]), np.array([0, 0, 1])).tolist()
+    [0.5, 0.2]
+    """
+    if groups is None:
+        return np.asarray(scores, np.float64)
+    groups = np.asarray(groups)
+    if groups.shape != np.shape(scores):
+        raise ConfigError(message("groups", groups.shape, f"one image index per row {np.shape(scores)}", "pass the owner array of prepare_images"))
+    out = np.full(int(groups.max()) + 1, -np.inf)
+    np.maximum.at(out, groups, np.asarray(scores, np.float64))
+    return out
 
 
 def calibrate(
@@ -127,8 +150,10 @@ def calibrate(
     threshold_method: str = "max",
     batch_size: int = 8,
     device: str = "cpu",
+    groups: np.ndarray | None = None,
 ) -> Calibration:
-    """Fit quantiles and the image threshold on prepared good validation images.
+    """Fit quantiles and the image threshold on prepared good validation images (``groups``: the image
+    each row belongs to when rows are tiles; the threshold is then fitted on per-image scores).
 
     >>> cal = calibrate(EfficientAD("s", 128), np.random.rand(2, 3, 128, 128).astype(np.float32))  # doctest: +SKIP
     """
@@ -137,7 +162,8 @@ def calibrate(
     local, glob = efficientad_maps(t, s, a)
     st, ae = fit_quantiles(local, glob, qa, qb)
     post = EfficientADPost(st, ae, model.map_pad)
-    _, scores = merge_maps(local, glob, post)
+    _, tile_scores = merge_maps(local, glob, post)
+    scores = frame_scores(tile_scores, groups)
     threshold, description = fit_threshold(scores, threshold_method)
     log.info("calibration on %d good images: st %.4g/%.4g ae %.4g/%.4g, threshold %.4f (%s)", len(scores), st.qa, st.qb, ae.qa, ae.qb, threshold, description)
-    return Calibration(st.qa, st.qb, ae.qa, ae.qb, threshold, description, int(len(scores)))
+    return Calibration(st.qa, st.qb, ae.qa, ae.qb, threshold, description, int(len(scores)), [float(v) for v in scores])

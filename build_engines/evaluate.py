@@ -27,8 +27,9 @@ from edgead.errors import ConfigError, DataError, message
 from edgead.metrics import aupro, f1_max, image_auroc, pixel_auroc
 from edgead.postprocess import EfficientADPost, efficientad_postprocess, resize_bilinear
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
+from edgead.tiling import Tiling
 
-from .calibrate import model_outputs
+from .calibrate import fit_threshold, model_outputs
 from .devices import resolve_device
 from .efficientad.models import EfficientAD
 from .efficientad.run import load_run
@@ -46,17 +47,31 @@ def predict(
     mean: tuple[float, ...] = tuple(IMAGENET_MEAN),
     std: tuple[float, ...] = tuple(IMAGENET_STD),
     device: str = "cpu",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Frames (uint8/uint16, gray or BGR) -> (maps at model resolution (N,S',S'), scores (N,)).
+    tiling: Tiling | None = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Frames (uint8/uint16, gray or BGR) -> (one map per frame, scores (N,)), as the runtime ``Detector``.
+
+    Without a tiling the maps are at model resolution (S', S'); with one, each frame's tiles are stitched
+    into a map at frame resolution and the score is the max over its tiles.
 
     >>> from edgead.postprocess import QuantileAffine
     >>> post = EfficientADPost(QuantileAffine(0, 1), QuantileAffine(0, 1), 4)
-    >>> predict(EfficientAD("s", 128).eval(), post, [np.zeros((40, 50), np.uint8)])[0].shape
-    (1, 32, 32)
+    >>> predict(EfficientAD("s", 128).eval(), post, [np.zeros((40, 50), np.uint8)])[0][0].shape
+    (32, 32)
     """
-    x = np.stack([prepare(f, model.image_size, mean, std, image_color(f)) for f in frames])
-    t, s, a = model_outputs(model, x, batch_size=len(frames), device=device)
-    return efficientad_postprocess(t, s, a, post)
+    pieces = [t for f in frames for t in tiling.cut(f)] if tiling is not None else frames
+    x = np.stack([prepare(f, model.image_size, mean, std, image_color(f)) for f in pieces])
+    t, s, a = model_outputs(model, x, batch_size=min(len(pieces), 16), device=device)
+    maps, scores = efficientad_postprocess(t, s, a, post)
+    if tiling is None:
+        return list(maps), scores
+    out_maps, out_scores, start = [], [], 0
+    for f in frames:
+        n = len(tiling.layout(f.shape[0], f.shape[1]))
+        out_maps.append(tiling.stitch(maps[start : start + n], f.shape[0], f.shape[1], post.pad))
+        out_scores.append(scores[start : start + n].max())
+        start += n
+    return out_maps, np.asarray(out_scores, np.float32)
 
 
 def _rate(flags: np.ndarray) -> float | None:
@@ -119,6 +134,7 @@ def evaluate_run(
     run = load_run(run_dir)
     model = run.model.to(dev).eval()
     post = run.post
+    tiling = run.tiling
     mean = tuple(run.config.get("mean", IMAGENET_MEAN))
     std = tuple(run.config.get("std", IMAGENET_STD))
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
@@ -136,12 +152,12 @@ def evaluate_run(
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         frames = [read_image(s.path) for s in chunk]
-        m, sc = predict(model, post, frames, mean=mean, std=std, device=dev)
+        m, sc = predict(model, post, frames, mean=mean, std=std, device=dev, tiling=tiling)
         scores[start : start + len(chunk)] = sc
         for i, (sample, frame) in enumerate(zip(chunk, frames, strict=True)):
             small_maps.append(m[i])
             if use_pixels:
-                maps.append(resize_bilinear(m[i : i + 1], frame.shape[0], frame.shape[1])[0])
+                maps.append(resize_bilinear(m[i][None], frame.shape[0], frame.shape[1])[0])
                 masks.append(read_mask(sample, frame.shape))
         bar.update(len(chunk))
     bar.close()
@@ -163,6 +179,9 @@ def evaluate_run(
         result["f1_max"], result["f1_max_threshold"] = f1, f1_thr
     else:
         result["f1_max"], result["f1_max_threshold"] = None, None
+    result["operating_point"] = operating_point(labels, scores, threshold)
+    if run.calibration.validation_scores:
+        result["threshold_rules"] = compare_threshold_rules(run.calibration.validation_scores, labels, scores)
     per_defect: dict[str, Any] = {}
     good_idx = np.flatnonzero(labels == 0)
     for defect in sorted({s.defect for s in samples if s.label == 1}):
@@ -181,6 +200,33 @@ def evaluate_run(
         result["overlays"] = _write_overlays(Path(overlays), samples, labels, scores, small_maps, threshold, n_overlays, dataset.has_masks)
     result["wall_s"] = round(time.perf_counter() - t0, 2)
     return result
+
+
+RULES = ("max", "quantile:0.999", "quantile:0.99", "quantile:0.95", "sigma:3", "sigma:4", "sigma:5")
+
+
+def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """False rejects (good flagged NG) and escapes (defects passed OK) at ``threshold`` (NG when score > threshold).
+
+    >>> operating_point(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.7, 0.2]), 0.5)["escapes"]
+    1
+    """
+    ng = ~(scores <= threshold)  # NaN is NG, as the runtime decides
+    good, bad = labels == 0, labels == 1
+    return {
+        "threshold": float(threshold),
+        "good": int(good.sum()),
+        "false_rejects": int((ng & good).sum()),
+        "false_reject_rate": _rate(ng[good]),
+        "defects": int(bad.sum()),
+        "escapes": int((~ng & bad).sum()),
+        "escape_rate": _rate(~ng[bad]),
+    }
+
+
+def compare_threshold_rules(validation_scores: list[float], labels: np.ndarray, scores: np.ndarray, rules: tuple[str, ...] = RULES) -> dict[str, Any]:
+    """Each threshold rule fitted on the validation-good scores, and its operating point on the test set."""
+    return {rule: operating_point(labels, scores, fit_threshold(validation_scores, rule)[0]) for rule in rules}
 
 
 def _write_overlays(
@@ -227,11 +273,21 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'all':<16}{c['total']:>5}{_fmt(result['image_auroc']):>11}{_fmt(result['pixel_auroc']):>11}{_fmt(result['aupro']):>9}"
         f"   F1-max {_fmt(result['f1_max'])} @ {_fmt(result['f1_max_threshold'])}"
     )
+    op = result["operating_point"]
     lines.append(
-        f"at the calibrated threshold {result['threshold']:.4f} ({result['threshold_method']}): accuracy {_fmt(result['accuracy'])}, "
-        f"defects flagged {_fmt(result['detection_rate'])}, good flagged {_fmt(result['false_positive_rate'])}"
+        f"operating point at the calibrated threshold {op['threshold']:.4f} ({result['threshold_method']}): "
+        f"false rejects {op['false_rejects']}/{op['good']} good ({_pct(op['false_reject_rate'])}), "
+        f"escapes {op['escapes']}/{op['defects']} defects ({_pct(op['escape_rate'])}), accuracy {_fmt(result['accuracy'])}"
     )
+    rules = result.get("threshold_rules")
+    if rules:
+        lines.append("other threshold rules (fitted on the same validation-good scores): " + "; ".join(
+            f"{name} {r['threshold']:.4f}: FR {_pct(r['false_reject_rate'])} / esc {_pct(r['escape_rate'])}" for name, r in rules.items()))
     return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -276,7 +276,7 @@ def export_bundle(
             if "merged" not in files:
                 files["merged"] = _export_variant(model, post, "merged", work, opset)
             images = _calibration_folder(run, int8_calibration)
-            files["merged_int8"] = quantize_merged(files["merged"], work / onnx_file_name("merged_int8"), images, run.model.image_size, max_images=int8_images, target=int8_target, mean=run.config.get("mean", IMAGENET_MEAN), std=run.config.get("std", IMAGENET_STD))
+            files["merged_int8"] = quantize_merged(files["merged"], work / onnx_file_name("merged_int8"), images, run.model.image_size, max_images=int8_images, target=int8_target, mean=run.config.get("mean", IMAGENET_MEAN), std=run.config.get("std", IMAGENET_STD), tiling=run.tiling)
             if "merged" not in variants:
                 del files["merged"]
         bundle = write_run_bundle(out_dir, run, files, opset=opset, overwrite=overwrite)
@@ -303,6 +303,7 @@ def build_manifest(run: Any, files: dict[str, Path], *, opset: int) -> Any:
             mean=tuple(float(v) for v in run.config.get("mean", IMAGENET_MEAN)),
             std=tuple(float(v) for v in run.config.get("std", IMAGENET_STD)),
             name=INPUT_NAME,
+            tiling=run.tiling,
         ),
         variants={variant: VariantSpec(file=onnx_file_name(variant)) for variant in files},
         postprocess=PostprocessSpec(qa_st=cal.qa_st, qb_st=cal.qb_st, qa_ae=cal.qa_ae, qb_ae=cal.qb_ae, pad=int(model.map_pad)),

@@ -45,6 +45,7 @@ import numpy as np
 from edgead.datasets import IMAGE_EXTENSIONS
 from edgead.errors import ConfigError, DataError, MissingDependencyError, message
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
+from edgead.tiling import Tiling
 
 __all__ = [
     "FLOAT_MODULES",
@@ -120,14 +121,21 @@ class FolderCalibrationReader(_reader_base()):  # type: ignore[misc]
     """Feeds preprocessed good images, one per batch, to ONNX Runtime's calibrator."""
 
     def __init__(
-        self, files: Sequence[Path], image_size: int, input_name: str = "image", mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+        self,
+        files: Sequence[Path],
+        image_size: int,
+        input_name: str = "image",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        tiling: Tiling | None = None,
     ) -> None:
         from edgead.datasets import image_color, read_image
 
         self._batches: list[dict[str, np.ndarray]] = []
         for path in files:
             frame = read_image(path)
-            self._batches.append({input_name: prepare(frame, image_size, mean, std, image_color(frame))[None]})
+            for piece in tiling.cut(frame) if tiling is not None else [frame]:  # what the model sees at run time
+                self._batches.append({input_name: prepare(piece, image_size, mean, std, image_color(piece))[None]})
         self._it: Iterator[dict[str, np.ndarray]] = iter(self._batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -152,6 +160,7 @@ def quantize_merged(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     keep_float: Sequence[str] | None = None,
+    tiling: Tiling | None = None,
 ) -> Path:
     """Write the INT8 (QDQ) version of a merged ONNX graph, calibrated on good images; return its path.
 
@@ -175,7 +184,7 @@ def quantize_merged(
     import onnx
 
     keep_float = list(float_convs(onnx.load(str(onnx_path), load_external_data=False)) if keep_float is None else keep_float)
-    reader = FolderCalibrationReader(files, image_size, mean=mean, std=std)
+    reader = FolderCalibrationReader(files, image_size, mean=mean, std=std, tiling=tiling)
     # float biases: TensorRT 10's DequantizeLinear takes INT8 only; symmetric activations for TensorRT (zero points 0)
     extra: dict[str, Any] = {"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False}
     if method == "percentile":

@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from edgead.errors import DataError, message
 from edgead.postprocess import EfficientADPost, QuantileAffine
+from edgead.tiling import Tiling
 
 from .models import EfficientAD
 
@@ -39,6 +40,7 @@ class Calibration:
     threshold: float
     threshold_method: str  # e.g. "quantile 0.995 of validation-good image scores (n=...)"
     validation_images: int
+    validation_scores: list[float] = field(default_factory=list)  # per image; lets eval compare threshold rules
 
     def post(self, pad: int) -> EfficientADPost:
         return EfficientADPost(QuantileAffine(self.qa_st, self.qb_st), QuantileAffine(self.qa_ae, self.qb_ae), pad)
@@ -54,6 +56,12 @@ class TrainedRun:
     @property
     def post(self) -> EfficientADPost:
         return self.calibration.post(self.model.map_pad)
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """The tile layout the run was trained with (``--tile``), or None for whole images."""
+        tile = self.config.get("tile")
+        return Tiling(int(tile), int(self.config.get("tile_overlap", 0))) if tile else None
 
 
 def save_model(model: EfficientAD, run_dir: Path) -> Path:

@@ -96,3 +96,18 @@ def test_calibrate_matches_independent_computation() -> None:
 def test_calibrate_refuses_empty_validation_set() -> None:
     with pytest.raises(DataError, match="at least one"):
         calibrate(EfficientAD("s", 128), np.zeros((0, 3, 128, 128), np.float32))
+
+
+def test_sigma_rule_and_per_image_scores() -> None:
+    from build_engines.calibrate import frame_scores, parse_threshold_method
+
+    v = np.array([0.1, 0.2, 0.4, 0.3])
+    thr, how = fit_threshold(v, "sigma:3")
+    assert thr == pytest.approx(v.mean() + 3 * v.std()) and "mean + 3 std of 4" in how
+    assert parse_threshold_method("SIGMA:2.5") == ("sigma", 2.5)
+    for bad in ("sigma:-1", "sigma:x", "quantile:1", "median"):
+        with pytest.raises(ConfigError, match="threshold method"):
+            parse_threshold_method(bad)
+    assert frame_scores(np.array([0.1, 0.5, 0.2, -0.3]), np.array([0, 0, 2, 1])).tolist() == [0.5, -0.3, 0.2]
+    with pytest.raises(ConfigError, match="groups"):
+        frame_scores(np.zeros(3), np.zeros(2, int))

@@ -56,7 +56,7 @@ def _reference_maps(run_dir: Path, data: Path) -> tuple[list, np.ndarray, list[n
         local = ((t - st[:, :384]) ** 2).mean(1)[0].numpy()
         glob = ((ae - st[:, 384:]) ** 2).mean(1)[0].numpy()
         merged = 0.05 * (local - cal["qa_st"]) / (cal["qb_st"] - cal["qa_st"]) + 0.05 * (glob - cal["qa_ae"]) / (cal["qb_ae"] - cal["qa_ae"])
-        padded = np.pad(merged, 4).astype(np.float32)
+        padded = np.pad(merged, 4, mode="edge").astype(np.float32)
         scores.append(padded.max())
         maps.append(cv2.resize(padded, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR))
         masks.append(read_mask(s, img.shape))
@@ -120,3 +120,25 @@ def test_eval_cli_writes_json(run_dir: Path, data: Path, tmp_path: Path, capsys:
     result = json.loads(out.read_text())
     assert result["pixel_auroc"] is None and 0.0 <= result["image_auroc"] <= 1.0
     assert "per_defect" in result and "all" in capsys.readouterr().out
+
+
+def test_operating_point_and_threshold_rules_count_false_rejects_and_escapes() -> None:
+    from build_engines.evaluate import compare_threshold_rules, operating_point
+
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.3, 0.9, 0.2, 0.5, float("nan"), 2.0])
+    op = operating_point(labels, scores, 0.4)
+    assert (op["false_rejects"], op["good"], op["escapes"], op["defects"]) == (1, 3, 1, 4)  # NaN counts as NG
+    assert op["false_reject_rate"] == pytest.approx(1 / 3) and op["escape_rate"] == pytest.approx(1 / 4)
+    rules = compare_threshold_rules([0.1, 0.2, 0.3, 0.25], labels, scores, rules=("max", "sigma:0"))
+    assert rules["max"]["threshold"] == pytest.approx(0.3) and rules["max"]["escapes"] == 1
+    assert rules["sigma:0"]["threshold"] == pytest.approx(0.2125)
+
+
+def test_eval_prints_the_operating_point(run_dir: Path, data: Path) -> None:
+    result = evaluate_run(run_dir, data, device="cpu", batch_size=4)
+    op = result["operating_point"]
+    assert op["good"] == 3 and op["defects"] == len(DEFECT_TYPES)
+    assert op["false_rejects"] == sum(s["score"] > result["threshold"] for s in result["scores"] if s["label"] == 0)
+    text = format_table(result)
+    assert f"false rejects {op['false_rejects']}/3 good" in text and f"escapes {op['escapes']}/{len(DEFECT_TYPES)} defects" in text

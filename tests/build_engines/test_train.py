@@ -266,15 +266,16 @@ def test_training_loop_feeds_the_losses_what_the_recipe_says(data: Path, tmp_pat
     real = train_mod.step_losses
 
     def spy(model, x, teacher_x, kinds, factors, mean, std, *, penalty=None, p_hard=0.999):  # type: ignore[no-untyped-def]
-        with torch.no_grad():
-            expected = model.normalised_teacher(x)
-        calls.append({"target_error": float((expected - teacher_x).abs().max()), "penalty": penalty, "kinds": kinds, "factors": factors, "p_hard": p_hard})
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            expected = model.normalised_teacher(x.float())
+        # the cache holds fp16 copies: relative error <= 2^-11 of the largest value
+        calls.append({"target_error": float((expected - teacher_x.float()).abs().max() / expected.abs().max()), "penalty": penalty, "kinds": kinds, "factors": factors, "p_hard": p_hard})
         return real(model, x, teacher_x, kinds, factors, mean, std, penalty=penalty, p_hard=p_hard)
 
     monkeypatch.setattr(train_mod, "step_losses", spy)
     out = train(_cfg(data, tmp_path / "run", steps=4, lr=1e-3, lr_drop_fraction=0.5, penalty_data=str(pen_dir), log_every=1))
     assert len(calls) == 4
-    assert max(call["target_error"] for call in calls) < 1e-4
+    assert max(call["target_error"] for call in calls) < 1e-3
     assert all(call["penalty"] is not None and tuple(call["penalty"].shape) == (1, 3, 128, 128) for call in calls)
     assert all(set(call["kinds"].tolist()) <= {0, 1, 2} and np.all((call["factors"] >= 0.8) & (call["factors"] <= 1.2)) for call in calls)
     assert {call["p_hard"] for call in calls} == {0.999}
@@ -326,3 +327,33 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         cli(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--steps", "0"])
     assert "expected an integer >= 1" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_tiled_training_calibrates_per_image_and_the_detector_reproduces_it(tmp_path: Path) -> None:
+    """--tile: every image is cut into tiles for training and calibration; the threshold is fitted on per-image
+    scores (max over tiles); the exported bundle carries the layout and the torch-free Detector gives the
+    scores of the torch evaluation path on the same frames."""
+    from build_engines.evaluate import predict
+    from build_engines.export import export_bundle
+    from edgead import Detector, load_bundle
+    from edgead.tiling import Tiling
+
+    data = generate(tmp_path / "big", n_train=6, n_test_good=1, n_test_defect=1, size=200, seed=2)
+    out = train(_cfg(data, tmp_path / "run", steps=2, tile=128, tile_overlap=32, snapshot_every=1))
+    run = load_run(out)
+    assert run.tiling == Tiling(128, 32) and len(Tiling(128, 32).layout(200, 200)) == 4
+    _, val_paths = split_train_val(open_dataset(data).train_good, 0.34, 5)
+    cal = run.calibration
+    assert cal.validation_images == len(val_paths) == len(cal.validation_scores) == 2
+    frames = [read_image(p) for p in val_paths]
+    _, torch_scores = predict(run.model, run.post, frames, tiling=run.tiling)
+    np.testing.assert_allclose(cal.validation_scores, torch_scores, rtol=1e-4)
+    assert cal.threshold == pytest.approx(max(cal.validation_scores), rel=1e-6)
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step_000001.pt", "step_000002.pt"]
+
+    bundle = export_bundle(out, tmp_path / "bundle", variants=("merged",))
+    assert load_bundle(bundle).manifest.input.tiling == Tiling(128, 32)
+    with Detector(bundle, backend="onnxruntime", threads=1) as det:
+        results = det.infer_batch(frames)
+    np.testing.assert_allclose([r.score for r in results], torch_scores, rtol=1e-4, atol=1e-6)
+    assert results[0].anomaly_map.shape == frames[0].shape[:2]
