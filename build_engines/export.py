@@ -255,12 +255,11 @@ def export_bundle(
     import tempfile
 
     from build_engines.efficientad.run import load_run
+    from edgead.bundle import check_bundle_target
 
     variants = _check_variants(variants)
     _check_opset(opset)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(message("bundle directory", f"{out_dir} (exists, not empty)", "a new or empty directory", "pass --overwrite or choose another --out"))
+    out_dir = check_bundle_target(out_dir, overwrite)  # before any work: a file, a non-bundle folder, engines that would be lost
     run = load_run(run_dir)
     model = run.model.eval()
     post = run.post

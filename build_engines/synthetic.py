@@ -53,6 +53,7 @@ _COLOURS = {"screw": (188.0, 184.0, 178.0), "washer": (80.0, 150.0, 186.0), "pin
 _SPLITS = {"train": 0, "test": 1}
 _SS = 4  # sub-pixel bits for cv2 drawing
 _MARKER = "edgead_synthetic.json"
+GENERATOR = "build_engines.synthetic"
 
 
 @dataclass(frozen=True)
@@ -353,6 +354,17 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
                     "choose another --out, or pass overwrite=True / --overwrite to replace the generated data",
                 )
             )
+        marker = out / _MARKER
+        if not marker.is_file() or not _is_our_marker(marker):
+            # never delete a real data set: only a folder this generator wrote (its marker says so) is replaced
+            raise DataError(
+                message(
+                    "output folder",
+                    f"'{out}' is not empty and holds no {_MARKER} written by `edgead datagen` (not a generated set)",
+                    "an empty or new folder, or a folder generated earlier",
+                    "choose another --out; --overwrite only replaces data that datagen itself wrote",
+                )
+            )
         for name in ("train", "test", "ground_truth", _MARKER):
             target = out / name
             if target.is_dir():
@@ -361,6 +373,14 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
             elif target.exists():
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _is_our_marker(path: Path) -> bool:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("generator") == GENERATOR
 
 
 def generate(
@@ -393,6 +413,7 @@ def generate(
     seed = _check_count("seed", seed, 0)
     out = Path(out_dir)
     _prepare_out(out, overwrite)
+    (out / _MARKER).write_text(json.dumps({"generator": GENERATOR, "complete": False}) + "\n")  # first: an interrupted run stays replaceable
     started = time.perf_counter()
     png = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 
@@ -412,7 +433,7 @@ def generate(
         if defect is not None:
             write(out / "ground_truth" / defect, f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
     info = {
-        "generator": "build_engines.synthetic",
+        "generator": GENERATOR,
         "seed": seed,
         "size": size,
         "n_train": n_train,

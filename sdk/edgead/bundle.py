@@ -58,6 +58,7 @@ __all__ = [
     "Platform",
     "Bundle",
     "write_bundle",
+    "check_bundle_target",
     "add_engine",
     "load_bundle",
     "sha256_file",
@@ -527,15 +528,10 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def write_bundle(out_dir: str | Path, manifest: Manifest, files: Mapping[str, str | Path], overwrite: bool = False) -> Path:
-    """Write a bundle directory: copy ``files`` (bundle name -> source), hash them, write manifest.json.
-
-    The bundle is assembled in a temporary sibling directory and renamed into place, so a reader
-    never sees half a bundle. ``manifest.files`` is recomputed; ``manifest.engines`` must be empty
-    (add plans with :func:`add_engine`).
-
-    >>> write_bundle("out/bundle", manifest, {"model_merged.onnx": Path("m.onnx")})  # doctest: +SKIP
-    PosixPath('out/bundle')
+def check_bundle_target(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before any work, a bundle destination that is a file, a non-empty folder (without
+    ``overwrite``), a folder that is not a bundle, or a bundle holding engines / user files that an
+    overwrite would delete. Returns the path.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -557,6 +553,31 @@ def write_bundle(out_dir: str | Path, manifest: Manifest, files: Mapping[str, st
                     "choose another --out path",
                 )
             )
+        would_lose = _not_replaceable(out)
+        if would_lose:
+            # engines (minutes to build on a Jetson, compiled from the previous model) and the user's own files
+            raise BundleError(
+                message(
+                    "bundle output",
+                    f"'{out}' holds files an overwrite would delete: {', '.join(would_lose[:10])}" + (f" and {len(would_lose) - 10} more" if len(would_lose) > 10 else ""),
+                    "a bundle holding only what export writes (manifest.json and its ONNX files)",
+                    "move those files elsewhere (engines were compiled from the previous model: rebuild them with 'edgead build'), or choose another --out",
+                )
+            )
+    return out
+
+
+def write_bundle(out_dir: str | Path, manifest: Manifest, files: Mapping[str, str | Path], overwrite: bool = False) -> Path:
+    """Write a bundle directory: copy ``files`` (bundle name -> source), hash them, write manifest.json.
+
+    The bundle is assembled in a temporary sibling directory and renamed into place, so a reader
+    never sees half a bundle. ``manifest.files`` is recomputed; ``manifest.engines`` must be empty
+    (add plans with :func:`add_engine`).
+
+    >>> write_bundle("out/bundle", manifest, {"model_merged.onnx": Path("m.onnx")})  # doctest: +SKIP
+    PosixPath('out/bundle')
+    """
+    out = check_bundle_target(out_dir, overwrite)
     if manifest.engines:
         raise BundleError(
             message("write_bundle engines", f"{len(manifest.engines)} engine entries", "none", "write the bundle first, then call add_engine for each plan")
@@ -608,6 +629,19 @@ def write_bundle(out_dir: str | Path, manifest: Manifest, files: Mapping[str, st
 
 
 LOCK_FILE = ".edgead.lock"
+
+
+def _not_replaceable(bundle_dir: Path) -> list[str]:
+    """Entries of an existing bundle that an overwrite would delete and that export did not write: engines
+    and anything the user put there (everything but manifest.json, the lock file and the ONNX files the
+    old manifest lists)."""
+    ours = {MANIFEST, LOCK_FILE}
+    try:
+        listed = json.loads((bundle_dir / MANIFEST).read_text()).get("files", {})
+        ours |= {name for name in listed if isinstance(name, str) and name.endswith(".onnx")}
+    except (OSError, ValueError, AttributeError):
+        pass
+    return sorted(p.name for p in bundle_dir.iterdir() if p.name not in ours)
 
 
 @contextlib.contextmanager

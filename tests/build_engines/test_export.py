@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 
+import build_engines.export as export_mod
 from build_engines.efficientad.models import EfficientAD
 from build_engines.export import (
     OUTPUTS,
@@ -21,7 +22,7 @@ from build_engines.export import (
     simplify_onnx,
 )
 from build_engines.onnx_ops import SUPPORTED_OPS, check_tensorrt_compatible, unsupported_ops
-from edgead.errors import ConfigError, DataError
+from edgead.errors import BundleError, ConfigError, DataError
 from edgead.postprocess import EfficientADPost, QuantileAffine, efficientad_postprocess
 from edgead.preprocess import prepare_batch
 
@@ -221,7 +222,7 @@ def test_export_refuses_bad_opset_and_training_mode(model: EfficientAD, tmp_path
 # --- the bundle (needs edgead.bundle from the runtime workstream) ---------------------------------
 
 
-def test_export_bundle_writes_manifest_and_variants(tmp_path: Path, inputs: dict[str, np.ndarray], make_run: Callable[..., Path]) -> None:
+def test_export_bundle_writes_manifest_and_variants(tmp_path: Path, inputs: dict[str, np.ndarray], make_run: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     bundle_mod = pytest.importorskip("edgead.bundle")
     run = make_run(tmp_path / "run", SIZE, model=_model(0), quantiles=(POST.st.qa, POST.st.qb, POST.ae.qa, POST.ae.qb), size="s")
     out = export_bundle(run, tmp_path / "bundle", variants=("merged", "raw"))
@@ -236,9 +237,17 @@ def test_export_bundle_writes_manifest_and_variants(tmp_path: Path, inputs: dict
     with torch.no_grad():
         t, s, a = (v.numpy() for v in _model(0)(torch.from_numpy(x)))
     assert _rel(maps[:, 0], efficientad_postprocess(t, s, a, manifest.post)[0]) <= 1e-4
-    with pytest.raises(ConfigError, match="overwrite"):
+    with pytest.raises(BundleError, match="overwrite"):
         export_bundle(run, out)
     assert export_bundle(run, out, variants=("merged",), overwrite=True) == out
+    (out / "model_merged.a6000.fp16.engine").write_bytes(b"plan")
+    monkeypatch.setattr(export_mod, "export_onnx", lambda *a, **k: pytest.fail("exported although the destination is refused"))
+    with pytest.raises(BundleError, match="would delete: model_merged.a6000.fp16.engine"):  # refused before any export work
+        export_bundle(run, out, variants=("merged",), overwrite=True)
+    assert (out / "model_merged.a6000.fp16.engine").read_bytes() == b"plan"
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(BundleError, match="is a file"):
+        export_bundle(run, tmp_path / "a_file")
 
 
 def test_export_bundle_errors(tmp_path: Path) -> None:

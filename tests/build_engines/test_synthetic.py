@@ -94,7 +94,9 @@ def test_refuses_to_overwrite(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not empty"):
         generate(out, **SMALL)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    generate(out, **SMALL, overwrite=True)
+    generate(tmp_path / "gen", **SMALL)  # a generated set: its marker makes --overwrite legal there
+    out = tmp_path / "gen"
+    (out / "keep.txt").write_text("user data")
     stale = out / "test" / "scratch" / "999.png"
     stale.write_bytes(b"old")
     generate(out, **SMALL, overwrite=True)
@@ -103,6 +105,21 @@ def test_refuses_to_overwrite(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match="is a file"):
         generate(tmp_path / "file", **SMALL)
+
+
+@pytest.mark.parametrize("marker", [None, '{"generator": "someone else"}', "not json"])
+def test_overwrite_never_deletes_a_real_dataset(tmp_path: Path, marker: str | None) -> None:
+    """--overwrite on a folder datagen did not write (no marker, or a marker it did not write) deletes nothing."""
+    real = tmp_path / "line3"
+    (real / "train" / "good").mkdir(parents=True)
+    (real / "train" / "good" / "part_0001.png").write_bytes(b"precious")
+    if marker is not None:
+        (real / "edgead_synthetic.json").write_text(marker)
+    before = sorted(p.relative_to(real) for p in real.rglob("*"))
+    with pytest.raises(DataError, match="not a generated set"):
+        generate(real, **SMALL, overwrite=True)
+    assert sorted(p.relative_to(real) for p in real.rglob("*")) == before
+    assert (real / "train" / "good" / "part_0001.png").read_bytes() == b"precious"
 
 
 @pytest.mark.parametrize(

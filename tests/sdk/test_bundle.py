@@ -88,12 +88,26 @@ def test_write_is_atomic_and_refuses_non_empty(tmp_path: Path, bundle: Path) -> 
     assert leftovers == []
     with pytest.raises(BundleError, match="overwrite=True"):
         tb.make_bundle(bundle)
-    # overwrite replaces the whole directory (stale files disappear)
-    (bundle / "stale.txt").write_text("x")
+    # overwrite replaces what export wrote (the old variants' ONNX files go, the new ones come)
     src = tmp_path / "bundle_src"
     write_bundle(bundle, tb.manifest(("raw",)), {"model_raw.onnx": src / "model_raw.onnx"}, overwrite=True)
     assert sorted(p.name for p in bundle.iterdir()) == [MANIFEST, "model_raw.onnx"]
     assert list(load_bundle(bundle).manifest.variants) == ["raw"]
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "model_merged.a6000.fp16.engine", "calibration_images"])
+def test_overwrite_refuses_to_delete_engines_and_user_files(tmp_path: Path, extra: str) -> None:
+    bundle = tb.make_bundle(tmp_path / "b")
+    target = bundle / extra
+    if extra == "calibration_images":
+        target.mkdir()
+        (target / "0.png").write_bytes(b"x")
+    else:
+        target.write_bytes(b"precious")
+    before = sorted(p.name for p in bundle.iterdir())
+    with pytest.raises(BundleError, match=f"would delete: {extra}"):
+        write_bundle(bundle, tb.manifest(("raw",)), {"model_raw.onnx": tmp_path / "b_src" / "model_raw.onnx"}, overwrite=True)
+    assert sorted(p.name for p in bundle.iterdir()) == before  # nothing touched
 
 
 def test_overwrite_never_replaces_a_folder_that_is_not_a_bundle(tmp_path: Path, bundle: Path) -> None:
