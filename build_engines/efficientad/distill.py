@@ -47,6 +47,7 @@ from build_engines.backbones import BACKBONES, PatchFeatures, lite_package_weigh
 from build_engines.devices import DEVICES, resolve_device
 from build_engines.efficientad.models import OUT_CHANNELS, pdn
 from build_engines.efficientad.teacher import teacher_state_dict
+from build_engines.efficientad.train import load_checkpoint
 from edgead.errors import BackendError, ConfigError, DataError, MissingDependencyError, message
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_image
 from edgead.registry import FAMILIES, check_choice
@@ -359,7 +360,7 @@ def distill(cfg: DistillConfig) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, losses, trained_s = 0, [], 0.0
     if cfg.resume:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         diff = {k: (ck["config"].get(k), getattr(cfg, k)) for k in _CKPT_KEYS if ck["config"].get(k) != getattr(cfg, k)}
         if diff:
             raise ConfigError(message("--resume", f"checkpoint options differ: {diff}", "the options of the interrupted run", "repeat the original options or start anew with --overwrite"))

@@ -331,6 +331,24 @@ def _save_snapshot(out: Path, step: int, model: EfficientAD, elapsed_s: float) -
     torch.save({"step": step, "elapsed_s": round(elapsed_s, 2), "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}, folder / f"step_{step:06d}.pt")
 
 
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A resume checkpoint, read weights-only: tensors, numbers, strings and containers, never code.
+
+    Resuming from a run folder someone else wrote must not run their code (``torch.load`` with
+    ``weights_only=False`` unpickles arbitrary objects).
+    """
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError for foreign objects, RuntimeError / EOFError for damaged files
+        raise DataError(
+            message("checkpoint", f"{path} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", "a checkpoint of tensors and plain values written by EdgeAD",
+                    "do not resume from an untrusted or damaged run folder; start a new run")
+        ) from exc
+    if not isinstance(blob, dict):
+        raise DataError(message("checkpoint", f"{path} holding {type(blob).__name__}", "a dict written by EdgeAD", "start a new run"))
+    return blob
+
+
 def _log(out: Path, record: dict[str, Any]) -> None:
     with open(out / LOG_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -399,7 +417,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
     start_step = 0
     if resume:
-        blob = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
+        blob = load_checkpoint(out / CHECKPOINT, device)
         model.load_state_dict(blob["model"])
         opt.load_state_dict(blob["optimizer"])
         if scaler is not None and blob["scaler"] is not None:

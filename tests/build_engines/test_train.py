@@ -16,7 +16,7 @@ from build_engines.efficientad.run import load_run
 from build_engines.efficientad.train import PRESETS, TrainConfig, color_jitter, hard_feature_loss, learning_rate, step_losses, train
 from build_engines.synthetic import generate
 from edgead.datasets import open_dataset, read_image, split_train_val
-from edgead.errors import ConfigError
+from edgead.errors import ConfigError, DataError
 from edgead.postprocess import efficientad_maps
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 
@@ -288,7 +288,7 @@ def test_resume_gives_identical_results(full_run: Path, data: Path, tmp_path: Pa
     out = tmp_path / "split"
     assert train(_cfg(data, out, stop_after=2)) == out
     assert not (out / "model.pt").exists()
-    assert torch.load(out / "checkpoints/last.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["step"] == 2
     train(_cfg(data, out), resume=True)
     a = torch.load(full_run / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(out / "model.pt", weights_only=True)["state_dict"]
@@ -357,3 +357,25 @@ def test_tiled_training_calibrates_per_image_and_the_detector_reproduces_it(tmp_
         results = det.infer_batch(frames)
     np.testing.assert_allclose([r.score for r in results], torch_scores, rtol=1e-4, atol=1e-6)
     assert results[0].anomaly_map.shape == frames[0].shape[:2]
+
+
+class _Payload:
+    """Unpickling this runs code: the classic malicious checkpoint."""
+
+    def __reduce__(self) -> tuple:
+        return (Path.write_text, (Path(_PWNED_PATH[0]), "pwned"))
+
+
+_PWNED_PATH = [""]
+
+
+def test_resume_never_unpickles_code(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(_cfg(data, out, stop_after=2))
+    _PWNED_PATH[0] = str(tmp_path / "pwned.txt")
+    blob = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    blob["extra"] = _Payload()
+    torch.save(blob, out / "checkpoints/last.pt")
+    with pytest.raises(DataError, match="untrusted or damaged"):
+        train(_cfg(data, out), resume=True)
+    assert not (tmp_path / "pwned.txt").exists()
