@@ -77,30 +77,76 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, threshold: float) -> np.
 
 
 class NGWriter:
-    """Save NG overlays as JPEG into ``folder``; the oldest files go once ``budget_bytes`` is exceeded."""
+    """Save NG overlays as JPEG into ``folder``; the oldest go once ``budget_bytes`` is exceeded.
+
+    Only files this writer (or an earlier run of it on the same folder) wrote are ever deleted: each is
+    recorded in ``folder/.edgead_ng_index.jsonl`` with its size, and on start only recorded files that
+    are still regular files of that size count. A user's own ``ng_*.jpg`` or a folder of that name is
+    never touched.
+    """
+
+    INDEX = ".edgead_ng_index.jsonl"
 
     def __init__(self, folder: Path, budget_bytes: int) -> None:
         if budget_bytes <= 0:
             raise ConfigError(message("--ng-budget-mb", budget_bytes / 2**20, "a positive size", "pass e.g. --ng-budget-mb 500"))
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(message("--ng-dir", f"{folder} (a file)", "a folder (new or used by an earlier run)", "pass another --ng-dir"))
         self.folder, self.budget = folder, budget_bytes
         folder.mkdir(parents=True, exist_ok=True)
-        existing = sorted(folder.glob("ng_*.jpg"), key=lambda p: p.stat().st_mtime)
-        self.files: collections.deque[tuple[Path, int]] = collections.deque((p, p.stat().st_size) for p in existing)
+        self.index = folder / self.INDEX
+        self.files: collections.deque[tuple[Path, int]] = collections.deque(self._recorded())
         self.total = sum(size for _, size in self.files)
+        self._rewrite_index()
         self.saved = self.evicted = 0
+
+    def _recorded(self) -> list[tuple[Path, int]]:
+        """Files of earlier runs: recorded, still there, same size (a replaced file is not ours any more)."""
+        if not self.index.is_file():
+            return []
+        alive: dict[str, int] = {}
+        for line in self.index.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+                name, size = str(rec["name"]), int(rec["bytes"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if rec.get("deleted"):
+                alive.pop(name, None)
+            elif "/" not in name and name.startswith("ng_"):
+                alive[name] = size
+        out = []
+        for name, size in alive.items():
+            path = self.folder / name
+            if path.is_file() and not path.is_symlink() and path.stat().st_size == size:
+                out.append((path, size))
+        return sorted(out, key=lambda item: item[0].stat().st_mtime)
+
+    def _rewrite_index(self) -> None:
+        tmp = self.index.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"name": p.name, "bytes": size}) + "\n" for p, size in self.files))
+        tmp.replace(self.index)
+
+    def _record(self, **rec: Any) -> None:
+        with open(self.index, "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def save(self, frame: Frame, result: Any) -> Path:
         path = self.folder / f"ng_{frame.timestamp_ns}_{frame.frame_id:08d}.jpg"
         ok, data = cv2.imencode(".jpg", overlay(frame.image, result.anomaly_map, result.threshold), [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not ok:
             raise EdgeADError(message("NG image", "JPEG encoding failed", "an encodable image", "check the frame format"))
+        if path.exists():  # never overwrite something that is already there
+            path = path.with_name(f"{path.stem}_{time.monotonic_ns()}.jpg")
         path.write_bytes(data.tobytes())
+        self._record(name=path.name, bytes=len(data))
         self.files.append((path, len(data)))
         self.total += len(data)
         self.saved += 1
         while self.total > self.budget and self.files:
             old, size = self.files.popleft()
             old.unlink(missing_ok=True)
+            self._record(name=old.name, bytes=size, deleted=True)
             self.total -= size
             self.evicted += 1
         return path

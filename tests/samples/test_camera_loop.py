@@ -130,8 +130,8 @@ def test_folder_loop_decides_like_the_reference_and_writes_jsonl(bundle: Path, f
     assert [r["id"] for r in records] == list(range(6))
     np.testing.assert_allclose([r["score"] for r in records], [expected_score(v) for v in values], rtol=1e-4, atol=1e-5)
     assert [r["decision"] for r in records] == ["NG" if expected_score(v) > 0 else "OK" for v in values] == ["OK", "NG"] * 3
-    assert sorted(Path(r["saved"]).name for r in records if "saved" in r) == sorted(p.name for p in ng_dir.iterdir())
-    saved = cv2.imread(str(next(ng_dir.iterdir())))
+    assert sorted(Path(r["saved"]).name for r in records if "saved" in r) == sorted(p.name for p in ng_dir.glob("*.jpg"))
+    saved = cv2.imread(str(next(ng_dir.glob("*.jpg"))))
     assert saved.shape == (48, 64, 3)
     assert summary["processed"] == 6 and summary["ng"] == 3 and summary["dropped_queue"] == 0
     assert json.loads(summary_path.read_text())["processed"] == 6
@@ -144,12 +144,44 @@ def test_ng_writer_keeps_the_disk_budget(tmp_path: Path) -> None:
         image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # noise: JPEGs of ~10 kB
         result = loop.Result(1.0, rng.random((64, 64), dtype=np.float32), True, 0.5)
         writer.save(loop.Frame(image, i, time.time_ns() + i, "bgr", {}), result)
-    files = list((tmp_path / "ng").iterdir())
+    files = [p for p in (tmp_path / "ng").iterdir() if p.suffix == ".jpg"]
     total = sum(p.stat().st_size for p in files)
     assert total <= 60_000 and writer.total == total and writer.evicted == 30 - len(files) > 0
     assert f"{29:08d}" in max(p.name for p in files)  # the newest survives
     with pytest.raises(loop.ConfigError, match="ng-budget"):
         loop.NGWriter(tmp_path / "x", 0)
+
+
+def test_ng_writer_only_ever_deletes_what_it_wrote(tmp_path: Path) -> None:
+    """A user's ng_*.jpg, a folder of that name and a file replaced since are never deleted; a restarted loop
+    keeps evicting its own earlier files within the budget."""
+    folder = tmp_path / "ng"
+    folder.mkdir()
+    mine = folder / "ng_1_00000001.jpg"
+    mine.write_bytes(b"user photo" * 1000)
+    (folder / "ng_2_00000002.jpg").mkdir()  # a directory with such a name
+    rng = np.random.default_rng(0)
+
+    def fill(writer: loop.NGWriter, n: int, start: int) -> None:
+        for i in range(start, start + n):
+            image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            writer.save(loop.Frame(image, i, 10**18 + i, "bgr", {}), loop.Result(1.0, rng.random((64, 64), dtype=np.float32), True, 0.5))
+
+    first = loop.NGWriter(folder, budget_bytes=60_000)
+    fill(first, 20, 0)
+    assert first.evicted > 0 and mine.read_bytes() == b"user photo" * 1000 and (folder / "ng_2_00000002.jpg").is_dir()
+    kept = sorted(p for p, _ in first.files)
+    replaced = kept[0]
+    replaced.write_bytes(b"the user replaced this one")  # not ours any more (size changed)
+    second = loop.NGWriter(folder, budget_bytes=60_000)  # a restarted loop
+    assert replaced not in [p for p, _ in second.files] and len(second.files) == len(kept) - 1
+    fill(second, 20, 100)
+    assert mine.is_file() and (folder / "ng_2_00000002.jpg").is_dir() and replaced.read_bytes() == b"the user replaced this one"
+    assert all(not p.exists() for p in kept[1:])  # the earlier run's files were evicted first
+    assert sum(size for _, size in second.files) <= 60_000
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(loop.ConfigError, match="ng-dir"):
+        loop.NGWriter(tmp_path / "afile", 1000)
 
 
 def test_rolling_stats_match_numpy() -> None:
@@ -332,4 +364,4 @@ def test_camera_loop_processes_frames_and_survives_camera_loss(camera: FakeCamer
     assert connections == sorted(connections) and connections[0] == 0 and connections[-1] >= 1
     assert sum(c >= 1 for c in connections) >= n_frames - before - 10  # it went on after the reconnect
     assert all("camera_frame_id" in r for r in records)
-    assert sum(p.stat().st_size for p in ng_dir.iterdir()) <= 2 * 2**20
+    assert sum(p.stat().st_size for p in ng_dir.glob("*.jpg")) <= 2 * 2**20
