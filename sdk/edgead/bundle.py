@@ -33,6 +33,7 @@ import sys
 import tarfile
 import tempfile
 import uuid
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,7 +257,7 @@ class PostprocessSpec:
         try:
             spec.post  # noqa: B018 - validates qb > qa
         except ConfigError as exc:
-            raise _err("postprocess quantiles", str(exc), "qb > qa for both maps", "re-run calibration, then re-export") from exc
+            raise _err("postprocess constants", str(exc), "qb > qa for both maps and a pad in range", "re-run calibration, then re-export") from exc
         return spec
 
 
@@ -443,14 +444,16 @@ class Manifest:
     def from_dict(cls, d: object) -> Manifest:
         d = _obj(d, "manifest")
         version = d.get("schema_version")
-        if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        if type(version) is not int:  # true and 1.0 compare equal to 1 in Python: refuse them by type
+            raise _err("schema_version", repr(version), f"the integer {SCHEMA_VERSION}")
+        if version > SCHEMA_VERSION:
             raise BundleError(
                 message("bundle schema_version", version, f"<= {SCHEMA_VERSION} (what this edgead reads)", "upgrade edgead: pip install --upgrade edgead")
             )
         if version != SCHEMA_VERSION:
             raise _err("schema_version", repr(version), f"{SCHEMA_VERSION}")
         _keys(d, "manifest", ("schema_version", "family", "size", "input", "variants", "postprocess", "threshold", "producer"), ("files", "engines"))
-        family = d["family"]
+        family = _str(d["family"], "family")
         if family not in FAMILIES:
             raise _err(
                 "family", repr(family), f"one of {list(FAMILIES)}", "this bundle is not an EdgeAD bundle or needs a newer edgead: pip install --upgrade edgead"
@@ -465,7 +468,7 @@ class Manifest:
                     "upgrade edgead (pip install --upgrade edgead) or export an efficientad bundle",
                 )
             )
-        size = d["size"]
+        size = _str(d["size"], "size")
         if size not in spec.sizes:
             raise _err("size", repr(size), f"one of {list(spec.sizes)} for {family}")
         variants_d = _obj(d["variants"], "variants")
@@ -559,7 +562,8 @@ def check_bundle_target(out_dir: str | Path, overwrite: bool = False) -> Path:
             raise BundleError(
                 message(
                     "bundle output",
-                    f"'{out}' holds files an overwrite would delete: {', '.join(would_lose[:10])}" + (f" and {len(would_lose) - 10} more" if len(would_lose) > 10 else ""),
+                    f"'{out}' holds files an overwrite would delete: {', '.join(would_lose[:10])}"
+                    + (f" and {len(would_lose) - 10} more" if len(would_lose) > 10 else ""),
                     "a bundle holding only what export writes (manifest.json and its ONNX files)",
                     "move those files elsewhere (engines were compiled from the previous model: rebuild them with 'edgead build'), or choose another --out",
                 )
@@ -800,25 +804,37 @@ def _extract_tar(tar_path: Path) -> tuple[Path, Path]:
     """Extract a bundle archive to a new temporary directory; return (that directory, the bundle root in it)."""
     dest = Path(tempfile.mkdtemp(prefix="edgead-bundle-"))
     atexit.register(shutil.rmtree, dest, True)
-    with tarfile.open(tar_path) as tar:
-        members = tar.getmembers()
-        top = {Path(m.name).parts[0] for m in members if Path(m.name).parts}
-        for m in members:
-            parts = Path(m.name).parts
-            if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
-                shutil.rmtree(dest, ignore_errors=True)
-                raise BundleError(
-                    message(
-                        f"bundle archive member '{m.name}'",
-                        "an absolute path, '..', or a link",
-                        "plain files inside the archive",
-                        "re-create the archive with 'tar -cf bundle.tar -C BUNDLE .'",
+    try:
+        with tarfile.open(tar_path) as tar:
+            members = tar.getmembers()
+            top = {Path(m.name).parts[0] for m in members if Path(m.name).parts}
+            for m in members:
+                parts = Path(m.name).parts
+                if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
+                    raise BundleError(
+                        message(
+                            f"bundle archive member '{m.name}'",
+                            "an absolute path, '..', or a link",
+                            "plain files inside the archive",
+                            "re-create the archive with 'tar -cf bundle.tar -C BUNDLE .'",
+                        )
                     )
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, members=members, filter="data")
+            else:  # pragma: no cover - Python without PEP 706; members were checked above
+                tar.extractall(dest, members=members)  # noqa: S202
+    except BaseException as exc:
+        shutil.rmtree(dest, ignore_errors=True)  # no scratch folder survives a refused or unreadable archive
+        if isinstance(exc, (tarfile.TarError, EOFError, OSError, zlib.error)):
+            raise BundleError(
+                message(
+                    "bundle archive",
+                    f"'{tar_path}' cannot be read ({type(exc).__name__}: {str(exc)[:120]})",
+                    "a complete .tar of a bundle",
+                    "copy the archive again (truncated or damaged?)",
                 )
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(dest, members=members, filter="data")
-        else:  # pragma: no cover - Python without PEP 706; members were checked above
-            tar.extractall(dest, members=members)  # noqa: S202
+            ) from exc
+        raise
     # accept both "manifest.json" at the top and a single top-level folder holding it
     if not (dest / MANIFEST).exists() and len(top) == 1:
         inner = dest / next(iter(top))
@@ -868,13 +884,24 @@ def _load_root(
                 "bundle", f"no {MANIFEST} in '{src}'", "a directory written by 'edgead export'", "point at the bundle directory (the one holding manifest.json)"
             )
         )
+    _check_inside(root, MANIFEST)  # a manifest.json symlink must not point outside the bundle
     try:
         raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise BundleError(
-            message(f"bundle {MANIFEST}", f"unparsable JSON ({exc})", "valid JSON", "restore the bundle from its source or " + _FIX_REEXPORT)
+            message(
+                f"bundle {MANIFEST}",
+                f"unparsable JSON ({type(exc).__name__}: {str(exc)[:120]})",
+                "valid JSON",
+                "restore the bundle from its source or " + _FIX_REEXPORT,
+            )
         ) from exc
-    manifest = Manifest.from_dict(raw)
+    try:
+        manifest = Manifest.from_dict(raw)
+    except (TypeError, ValueError, AttributeError, RecursionError) as exc:  # a value of a type no field check foresaw
+        raise BundleError(
+            message(f"bundle {MANIFEST}", f"malformed ({type(exc).__name__}: {str(exc)[:120]})", "the manifest schema of docs/bundle.md", _FIX_REEXPORT)
+        ) from exc
     listed = set(manifest.files)
     for variant, v in manifest.variants.items():
         if v.file not in listed:

@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .backends.base import Backend
+from .backends.base import Backend, check_threads
 from .backends.onnxruntime import OnnxRuntimeBackend
 from .bundle import Bundle, load_bundle
 from .errors import BackendError, ConfigError, InputError, message
@@ -55,12 +55,21 @@ def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(anomaly_map, dtype=np.float32), (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
 
 
+MAX_MAP_SIDE = 16384  # a map side beyond any camera; (50000, 50000) would allocate 10 GB per frame
+
+
 def _check_map_size(map_size: object) -> str | tuple[int, int]:
-    if map_size in ("frame", "model"):
-        return str(map_size)
-    if isinstance(map_size, (tuple, list)) and len(map_size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in map_size):
+    if isinstance(map_size, str) and map_size in ("frame", "model"):
+        return map_size
+    if (
+        isinstance(map_size, (tuple, list))
+        and len(map_size) == 2
+        and all(isinstance(v, int | np.integer) and not isinstance(v, bool) and 0 < int(v) <= MAX_MAP_SIDE for v in map_size)
+    ):
         return (int(map_size[0]), int(map_size[1]))
-    raise ConfigError(message("map_size", repr(map_size), "'frame', 'model' or a (height, width) tuple of positive ints", "pass map_size='frame' (default)"))
+    raise ConfigError(
+        message("map_size", repr(map_size), f"'frame', 'model' or a (height, width) of ints in 1..{MAX_MAP_SIDE}", "pass map_size='frame' (default)")
+    )
 
 
 class Detector:
@@ -102,16 +111,38 @@ class Detector:
     ) -> None:
         self._on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("ng", "raise"))
         self._nonfinite = 0
+        if not isinstance(bundle, str | Path | Bundle):
+            raise ConfigError(message("bundle", repr(bundle), "a bundle directory, .tar or manifest.json path, or a loaded Bundle", "pass Detector('path/to/bundle')"))
         self._owns_bundle = not isinstance(bundle, Bundle)  # then close() removes a .tar's temporary extraction
         self._bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        try:
+            self._setup(backend, threshold, device, threads, variant, precision, allow_onnx_fallback, cuda_graph)
+        except BaseException:
+            if self._owns_bundle:  # a refused option must not leave a .tar's extraction behind
+                self._bundle.release()
+            raise
+
+    def _setup(
+        self,
+        backend: str,
+        threshold: float | None,
+        device: int,
+        threads: int | None,
+        variant: str | None,
+        precision: str | None,
+        allow_onnx_fallback: bool,
+        cuda_graph: bool,
+    ) -> None:
         manifest = self._bundle.manifest
         requested = check_choice("backend", backend, BACKENDS)
         if variant is not None:
             variant = check_choice("variant", variant, manifest.variants)
         if precision is not None:
             precision = check_choice("precision", precision, PRECISIONS)
-        if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+        if isinstance(device, bool) or not isinstance(device, int | np.integer) or device < 0:
             raise ConfigError(message("device", repr(device), "a GPU index >= 0", "pass device=0"))
+        device = int(device)
+        threads = check_threads(threads)
         self._threshold = self._check_threshold(manifest.threshold.value if threshold is None else threshold)
         self._post = manifest.post
         self._lock = threading.Lock()
@@ -128,9 +159,15 @@ class Detector:
     # ------------------------------------------------------------------ construction
     @staticmethod
     def _check_threshold(value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-            raise ConfigError(message("threshold", repr(value), "a finite number", "pass threshold=None to use the bundle's calibrated threshold"))
-        return float(value)
+        """Any finite real number, NumPy scalars included (``np.quantile`` returns those)."""
+        ok = not isinstance(value, bool | np.bool_) and isinstance(value, int | float | np.integer | np.floating)
+        try:
+            number = float(value) if ok else math.nan  # type: ignore[arg-type]
+        except OverflowError:  # 10**400
+            number = math.nan
+        if not math.isfinite(number):
+            raise ConfigError(message("threshold", repr(value), "a finite real number (int, float or NumPy scalar)", "pass threshold=None to use the bundle's calibrated threshold"))
+        return number
 
     def _ort_variant(self, variant: str | None, precision: str | None) -> str:
         variants = self._bundle.manifest.variants

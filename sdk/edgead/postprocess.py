@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 
+MAX_PAD = 64  # map padding cells; EfficientAD uses 4 (a bigger value only allocates memory)
+
+
 @dataclass(frozen=True)
 class QuantileAffine:
     """Affine map sending the quantile value ``qa`` to 0 and ``qb`` to 0.1."""
@@ -68,8 +71,8 @@ class EfficientADPost:
     pad: int = 4
 
     def __post_init__(self) -> None:
-        if not isinstance(self.pad, int) or self.pad < 0:
-            raise ConfigError(message("pad", self.pad, "an integer >= 0", "use 4 for unpadded PDNs and 0 for padded ones"))
+        if isinstance(self.pad, bool) or not isinstance(self.pad, int) or not 0 <= self.pad <= MAX_PAD:
+            raise ConfigError(message("pad", self.pad, f"an integer in 0..{MAX_PAD}", "use 4 for unpadded PDNs and 0 for padded ones"))
 
 
 def _check_outputs(teacher: np.ndarray, student: np.ndarray, ae: np.ndarray) -> int:

@@ -24,7 +24,7 @@ _CHANNELS = {"gray": 1, "bgr": 3, "rgb": 3, "bgra": 4, "rgba": 4}
 
 
 def check_frame(frame: object, color: str = "bgr") -> np.ndarray:
-    """Validate one frame and return it; raise InputError naming what is wrong.
+    """Validate one frame and return it (in native byte order); raise InputError naming what is wrong.
 
     >>> check_frame(np.zeros((4, 6, 3), np.uint8)).shape
     (4, 6, 3)
@@ -32,6 +32,8 @@ def check_frame(frame: object, color: str = "bgr") -> np.ndarray:
     color = check_choice("color", color, COLORS)
     if not isinstance(frame, np.ndarray):
         raise InputError(message("frame", type(frame).__name__, "a numpy.ndarray", "pass the image as a numpy array (cv2.imread gives one)"))
+    if frame.dtype.kind == "u" and frame.dtype.itemsize == 2 and not frame.dtype.isnative:
+        frame = frame.astype(np.uint16)  # big-endian 16-bit (some camera SDKs, FITS/TIFF readers): same values, native order
     if frame.dtype not in _SCALE:
         raise InputError(message("frame dtype", frame.dtype, "uint8 or uint16", "convert with frame.astype(np.uint8) after scaling to 0..255"))
     if frame.ndim not in (2, 3):

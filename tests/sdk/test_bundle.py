@@ -26,7 +26,7 @@ from edgead.bundle import (
     sha256_file,
     write_bundle,
 )
-from edgead.errors import BundleError, EdgeADError
+from edgead.errors import BundleError, ConfigError, EdgeADError
 
 H100 = Platform("9.0", "10.13.0.35", "NVIDIA H100 80GB HBM3")
 
@@ -215,6 +215,61 @@ def test_tar_extractions_are_removed(tmp_path: Path, bundle: Path, monkeypatch: 
     assert list(scratch_root.iterdir()) == []  # a refused archive leaves nothing behind
 
 
+def test_truncated_tar_is_a_bundle_error_and_leaves_no_scratch(tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    archive = tmp_path / "bundle.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(bundle, arcname="bundle")
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])  # a copy cut short
+    refused(archive, "cannot be read", "copy the archive again")
+    assert list(scratch_root.iterdir()) == []
+
+
+def test_failed_detector_on_a_tar_removes_its_extraction(tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgead import Detector
+
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    archive = tmp_path / "bundle.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(bundle, arcname=".")
+    for bad in ({"variant": "nope"}, {"precision": "fp64"}, {"threads": 0}, {"threshold": "x"}, {"backend": "tpu"}):
+        with pytest.raises(ConfigError):
+            Detector(archive, **bad)  # type: ignore[arg-type]
+        assert list(scratch_root.iterdir()) == [], bad
+
+
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda d: d.update(family=["efficientad"]), "family"),
+        (lambda d: d.update(size={"s": 1}), "size"),
+        (lambda d: d["input"].update(name=["image"]), "input.name"),
+        (lambda d: d.update(variants={"merged": {"file": ["model_merged.onnx"]}}), "variants"),
+    ],
+)
+def test_wrong_json_types_are_bundle_errors(bundle: Path, mutate: Any, fragment: str) -> None:
+    edit_manifest(bundle, mutate)
+    refused(bundle, fragment)
+
+
+def test_deeply_nested_manifest_is_a_bundle_error(bundle: Path) -> None:
+    (bundle / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    refused(bundle, "manifest.json")
+
+
+def test_manifest_symlink_outside_the_bundle_is_refused(tmp_path: Path, bundle: Path) -> None:
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text((bundle / MANIFEST).read_text())
+    (bundle / MANIFEST).unlink()
+    (bundle / MANIFEST).symlink_to(outside)
+    refused(bundle, "a link resolving to")
+
+
 def test_tar_with_escaping_member_is_refused(tmp_path: Path, bundle: Path) -> None:
     archive = tmp_path / "evil.tar"
     with tarfile.open(archive, "w") as tar:
@@ -242,7 +297,7 @@ def test_newer_schema_says_upgrade(bundle: Path) -> None:
     refused(bundle, "upgrade edgead", "pip install --upgrade edgead")
 
 
-@pytest.mark.parametrize("version", [0, "1", None])
+@pytest.mark.parametrize("version", [0, "1", None, True, 1.0])
 def test_invalid_schema(bundle: Path, version: object) -> None:
     edit_manifest(bundle, lambda d: d.update(schema_version=version))
     refused(bundle, "schema_version", "re-export")

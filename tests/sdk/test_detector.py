@@ -388,3 +388,52 @@ def test_raw_engine_without_kernels_is_not_picked(tmp_path: Path, trt_present: l
     with pytest.raises(BundleError, match="make kernels"):
         Detector(b, backend="tensorrt")
     assert Detector(b, threads=1).backend == "onnxruntime"
+
+
+# ------------------------------------------------------------------ what users naturally pass, and what they must not
+@pytest.mark.parametrize("value", [np.float32(0.07), np.float64(0.07), np.int64(1), 3])
+def test_numpy_scalar_thresholds_are_accepted(bundle_dir: Path, value: object) -> None:
+    with Detector(bundle_dir, backend="onnxruntime", threads=1, threshold=value) as det:  # type: ignore[arg-type]
+        assert det.threshold == pytest.approx(float(value)) and isinstance(det.threshold, float)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [10**400, np.nan, np.bool_(True), [0.1]])
+def test_unusable_thresholds_are_config_errors(bundle_dir: Path, bad: object) -> None:
+    with pytest.raises(ConfigError, match="threshold"):
+        Detector(bundle_dir, backend="onnxruntime", threshold=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("threads", [0, 10_000, 2.0, True])
+def test_threads_are_bounded(bundle_dir: Path, threads: object) -> None:
+    with pytest.raises(ConfigError, match="threads"):
+        Detector(bundle_dir, backend="onnxruntime", threads=threads)  # type: ignore[arg-type]
+    with Detector(bundle_dir, backend="onnxruntime", threads=np.int64(1)) as det:  # type: ignore[arg-type]
+        assert det.infer(frame(1)).finite
+
+
+def test_map_size_accepts_numpy_ints_and_refuses_absurd_sizes(det: Detector) -> None:
+    assert det.infer(frame(1), map_size=(np.int64(20), np.int32(30))).anomaly_map.shape == (20, 30)  # type: ignore[arg-type]
+    for bad in [(50_000, 50_000), (0, 5), (5.0, 5), "Frame"]:
+        with pytest.raises(ConfigError, match="map_size"):
+            det.infer(frame(1), map_size=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bundle", [None, 3, b"bundle"])
+def test_detector_of_nothing_is_a_config_error(bundle: object) -> None:
+    with pytest.raises(ConfigError, match="bundle"):
+        Detector(bundle)  # type: ignore[arg-type]
+
+
+def test_big_endian_16_bit_frames_keep_their_values(det: Detector) -> None:
+    native = np.random.default_rng(4).integers(0, 65536, (S, S, 3), dtype=np.uint16)
+    big = native.astype(">u2")
+    assert big.dtype.byteorder == ">" and np.array_equal(big, native)
+    assert det.infer(big).score == pytest.approx(det.infer(native).score, rel=1e-6)
+
+
+def test_a_model_breaking_the_batch_axis_is_a_backend_error(det: Detector, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = det._backend
+    real = backend._run
+    monkeypatch.setattr(backend, "_run", lambda batch: {k: v[:1] for k, v in real(batch).items()})  # one output for two inputs
+    with pytest.raises(BackendError, match="batch axis"):
+        det.infer_batch([frame(1), frame(2)])

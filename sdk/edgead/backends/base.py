@@ -10,14 +10,28 @@ manager, use-after-close) lives here once.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import ClassVar
 
 import numpy as np
 
-from ..errors import BackendError, InputError, InternalError, message
+from ..errors import BackendError, ConfigError, InputError, message
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "check_threads", "MAX_THREADS"]
+
+MAX_THREADS = 4 * (os.cpu_count() or 1)  # more intra-op threads than that only thrashes (10 000 hung the machine)
+
+
+def check_threads(threads: object) -> int | None:
+    """None (the runtime's default) or an int in 1..MAX_THREADS; NumPy integers accepted."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int | np.integer) or not 1 <= int(threads) <= MAX_THREADS:
+        raise ConfigError(
+            message("threads", repr(threads), f"None or an integer in 1..{MAX_THREADS} (4x this machine's {os.cpu_count()} cores)", "pass threads=2, or leave None for the runtime's default")
+        )
+    return int(threads)
 
 
 class Backend:
@@ -81,7 +95,15 @@ class Backend:
         ms = (time.perf_counter() - t0) * 1e3
         missing = [k for k in self.output_names if k not in outputs]
         if missing or any(outputs[k].shape[:1] != batch.shape[:1] for k in self.output_names):
-            raise InternalError(f"{self.name} backend returned {({k: v.shape for k, v in outputs.items()})}, expected {self.output_names} with batch {batch.shape[0]}")
+            # the model (a bundle's ONNX / engine) broke the batch contract: a bundle problem, not an EdgeAD bug
+            raise BackendError(
+                message(
+                    f"{self.name} model outputs",
+                    f"{ {k: tuple(v.shape) for k, v in outputs.items()} } for a batch of {batch.shape[0]}",
+                    f"{', '.join(self.output_names)} each with batch axis {batch.shape[0]}",
+                    "re-export the bundle with 'edgead export' (the model's first axis must be the dynamic batch), or rebuild the engine",
+                )
+            )
         return {k: outputs[k] for k in self.output_names}, ms
 
     def close(self) -> None:

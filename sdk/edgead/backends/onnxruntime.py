@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from ..bundle import VARIANT_OUTPUTS, Bundle
-from ..errors import BackendError, BundleError, ConfigError, MissingDependencyError, message
+from ..errors import BackendError, BundleError, MissingDependencyError, message
 from ..registry import check_choice
-from .base import Backend
+from .base import Backend, check_threads
 
 __all__ = ["OnnxRuntimeBackend", "import_onnxruntime"]
 
@@ -49,8 +49,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, bundle: Bundle, variant: str, *, threads: int | None = None, provider: str = "cpu", device: int = 0) -> None:
         ort = import_onnxruntime()
         provider = check_choice("onnxruntime provider", provider, _PROVIDERS)
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ConfigError(message("threads", repr(threads), "None or an integer >= 1", "pass threads=2 (or leave None for ONNX Runtime's default)"))
+        threads = check_threads(threads)
         path = bundle.onnx_path(variant)
         available = list(ort.get_available_providers())
         wanted = _PROVIDERS[provider]
