@@ -23,6 +23,7 @@ import argparse
 import collections
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -240,13 +241,31 @@ class Stopper:
         signal.signal(signal.SIGTERM, handler)
 
 
+def check_output_file(option: str, value: str | None) -> None:
+    """Refuse an output file that cannot be written, before the camera or the model is touched."""
+    if value is None or value == "-":
+        return
+    path = Path(value)
+    if path.is_dir():
+        raise ConfigError(message(option, f"{path} (a folder)", "a file path", f"pass a file name, e.g. {option} {path / 'out.json'}"))
+    if not path.parent.is_dir():
+        raise ConfigError(message(option, f"{path} (folder {path.parent} does not exist)", "a file in an existing folder", "create the folder first"))
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise ConfigError(message(option, f"{path} (not writable)", "a writable file", "choose another path or fix the permissions"))
+
+
 def run(args: argparse.Namespace, stopper: Stopper | None = None) -> dict[str, Any]:
     """The loop itself; returns the summary dict (also written with --summary)."""
     stopper = stopper or Stopper()
+    check_output_file("--jsonl", args.jsonl)
+    check_output_file("--summary", args.summary)
     source = build_source(args)  # opened by the acquisition thread, not here
     policy = args.policy or ("newest" if source.is_live else "block")
     queue = FrameQueue(args.queue_size, policy)
-    writer = NGWriter(Path(args.ng_dir), int(args.ng_budget_mb * 2**20)) if args.ng_dir else None
+    try:
+        writer = NGWriter(Path(args.ng_dir), int(args.ng_budget_mb * 2**20)) if args.ng_dir else None
+    except OSError as exc:
+        raise ConfigError(message("--ng-dir", f"{args.ng_dir} ({exc.strerror})", "a folder this user can create and write", "choose another --ng-dir")) from exc
     if args.preview:
         try:
             cv2.namedWindow("edgead", cv2.WINDOW_NORMAL)
@@ -291,6 +310,7 @@ def run(args: argparse.Namespace, stopper: Stopper | None = None) -> dict[str, A
                 "timestamp": frame.timestamp_ns / 1e9,
                 "score": round(float(result.score), 6),
                 "decision": result.decision,
+                "finite": bool(getattr(result, "finite", True)),  # False: NaN/inf model output, decided NG
                 "latency_ms": round(latency_ms, 3),
                 "infer_ms": round(float(result.timings["total"]), 3) if "total" in result.timings else None,
                 "connection": frame.meta.get("connection", 0),
@@ -330,8 +350,9 @@ def run(args: argparse.Namespace, stopper: Stopper | None = None) -> dict[str, A
             "ng": ng,
             "elapsed_s": round(elapsed, 3),
             "fps": round(processed / elapsed, 2) if elapsed > 0 else 0.0,
-            "latency_ms_p50": round(p50, 3),
-            "latency_ms_p99": round(p99, 3),
+            "latency_ms_p50": round(p50, 3) if processed else None,  # JSON has no NaN: null when nothing ran
+            "latency_ms_p99": round(p99, 3) if processed else None,
+            "nonfinite": int(getattr(detector, "nonfinite_count", 0)),
             "dropped_queue": queue.dropped,
             "incomplete": int(source.stats["incomplete"]),
             "missed": int(source.stats["missed"]),

@@ -209,6 +209,7 @@ class FolderSource(FrameSource):
         self._index = 0
         self._open = False
         self._last = 0.0
+        self._unreadable_run = 0  # unreadable images in a row
 
     @property
     def is_open(self) -> bool:
@@ -242,8 +243,14 @@ class FolderSource(FrameSource):
             image = read_image(path)  # uint8/uint16, HxW or HxWx3 BGR (alpha dropped)
         except DataError as exc:
             self.stats["unreadable"] += 1
+            self._unreadable_run += 1
+            if self._unreadable_run >= len(self._files):  # a whole pass without one readable image: never spin on it
+                raise SourceError(
+                    message("image folder", f"'{self.folder}': none of its {len(self._files)} images can be read", "at least one readable image", "replace the damaged files")
+                ) from exc
             log.warning("skipping unreadable image %s (%s)", path, exc)
             return None
+        self._unreadable_run = 0
         return self._frame(image, {"source": "folder", "path": str(path)})
 
     def close(self) -> None:

@@ -109,7 +109,7 @@ def check_records(records: list[dict]) -> None:
     for r in records:
         assert KEYS <= set(r), r
         assert isinstance(r["id"], int) and isinstance(r["connection"], int)
-        assert r["decision"] in ("OK", "NG")
+        assert r["decision"] in ("OK", "NG") and r["finite"] is True
         assert isinstance(r["score"], float) and math.isfinite(r["score"])
         assert r["latency_ms"] >= 0 and r["timestamp"] > 1.6e9 and 0 <= r["infer_ms"] <= r["latency_ms"] + 1.0
     ids = [r["id"] for r in records]
@@ -201,6 +201,33 @@ def test_overlay_handles_gray_uint16_and_small_maps() -> None:
     out = loop.overlay(img, amap, threshold=0.5)
     assert out.shape == (40, 50, 3) and out.dtype == np.uint8
     assert out[0, 0].tolist() != out[22, 27].tolist()  # the hot spot is coloured differently
+
+
+@pytest.mark.parametrize("option", ["--jsonl", "--summary", "--ng-dir"])
+@pytest.mark.parametrize("kind", ["missing_folder", "wrong_kind"])
+def test_unusable_outputs_are_refused_before_any_work(bundle: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, kind: str) -> None:
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    value = {"missing_folder": tmp_path / "nope" / "x", "wrong_kind": tmp_path / ("a_file" if option == "--ng-dir" else "a_dir")}[kind]
+    argv = ["--bundle", str(bundle), "--backend", "onnxruntime", "--source", f"folder:{folder}", option, str(value)]
+    if option == "--ng-dir" and kind == "missing_folder":
+        (tmp_path / "nope").write_text("a file where the folder should be")
+    assert loop.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"camera_loop: error: {option}" in err and "Traceback" not in err
+
+
+def test_no_frame_processed_gives_valid_json_and_unreadable_folders_do_not_spin(tmp_path: Path, bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.png").write_bytes(b"not a png")
+    summary = tmp_path / "summary.json"
+    argv = ["--bundle", str(bundle), "--backend", "onnxruntime", "--threads", "1", "--source", f"folder:{bad}", "--loop", "--summary", str(summary), "--duration", "30"]
+    assert loop.main(argv) == 2  # stops after one pass with a clear error instead of 10 000 warnings a second until --duration
+    assert "none of its 3 images can be read" in capsys.readouterr().err
+    data = json.loads(summary.read_text(), parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    assert data["processed"] == 0 and data["latency_ms_p50"] is None and data["elapsed_s"] < 30
 
 
 def test_missing_bundle_is_a_clear_error(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
