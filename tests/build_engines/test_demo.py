@@ -59,7 +59,6 @@ def test_demo_cli_errors(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_exports_and_detector_agrees_with_torch(tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
     summary = run_demo(tmp_path / "demo", steps=2, teacher="random", device="cpu", data=TINY, export=True, frames=2)
     manifest = json.loads((tmp_path / "demo" / "bundle" / "manifest.json").read_text())
     assert set(manifest["variants"]) == {"merged", "raw", "merged_int8"}  # INT8 calibrated on the demo's train/good, for make bench

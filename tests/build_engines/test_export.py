@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort  # noqa: E402  (pinned dev dependency: a missing one fails)
 import pytest
 import torch
 
@@ -25,8 +26,6 @@ from build_engines.onnx_ops import SUPPORTED_OPS, check_tensorrt_compatible, uns
 from edgead.errors import BundleError, ConfigError, DataError
 from edgead.postprocess import EfficientADPost, QuantileAffine, efficientad_postprocess
 from edgead.preprocess import prepare_batch
-
-ort = pytest.importorskip("onnxruntime")
 
 SIZE = 128
 POST = EfficientADPost(QuantileAffine(0.8, 2.5), QuantileAffine(0.3, 1.1), pad=4)
@@ -223,7 +222,8 @@ def test_export_refuses_bad_opset_and_training_mode(model: EfficientAD, tmp_path
 
 
 def test_export_bundle_writes_manifest_and_variants(tmp_path: Path, inputs: dict[str, np.ndarray], make_run: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    bundle_mod = pytest.importorskip("edgead.bundle")
+    import edgead.bundle as bundle_mod
+
     run = make_run(tmp_path / "run", SIZE, model=_model(0), quantiles=(POST.st.qa, POST.st.qb, POST.ae.qa, POST.ae.qb), size="s")
     out = export_bundle(run, tmp_path / "bundle", variants=("merged", "raw"))
     loaded = bundle_mod.load_bundle(out)

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnx
+import onnxruntime as ort  # noqa: E402  (pinned dev dependency: a missing one fails)
 import pytest
 import torch
 
@@ -20,7 +21,6 @@ from build_engines.synthetic import make_image
 from edgead.errors import ConfigError, DataError
 from edgead.preprocess import prepare_batch
 
-ort = pytest.importorskip("onnxruntime")
 SIZE = 128
 
 

@@ -114,7 +114,6 @@ def test_int8_graph_check_accepts_symmetric_and_refuses_uint8(tmp_path: Path) ->
 
 
 def test_engine_entry_is_a_valid_manifest_entry(tmp_path: Path) -> None:
-    pytest.importorskip("edgead.bundle")
     meta = EngineMeta(tmp_path / "merged_fp16_sm87_trt10.3.0.engine", "fp16", "10.3.0", "8.7", "Orin", 16, 16, 123, 1.0)
     entry = engine_entry(meta, "merged", built_at="2026-11-23T10:00:00+00:00")
     assert entry.to_dict() == {

@@ -14,15 +14,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from kernel_requirements import required as _required
 
 from edgead import kernels
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = REPO / "kernels" / "postprocess"
-
-
-def _required() -> bool:
-    return any(os.environ.get(k, "").lower() not in ("", "0", "false") for k in ("CI", "EDGEAD_REQUIRE_KERNELS"))
 
 
 def _stale(lib: Path) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from kernel_requirements import require_module, required
 
 from edgead import kernels
 from edgead.errors import BackendError, ConfigError, InputError
@@ -47,7 +48,7 @@ def _run(build: str, t: np.ndarray, s: np.ndarray, a: np.ndarray, post: Efficien
     if build == "host":
         return kernels.host_postprocess(t, s, a, post, out_size, library=request.getfixturevalue("host_library"))
     lib = request.getfixturevalue("cuda_library")
-    cp = pytest.importorskip("cupy")
+    cp = require_module("cupy")
     n, c, h, w = t.shape
     p = post.pad
     stream = cp.cuda.Stream(non_blocking=True)  # a real, non-default stream
@@ -320,3 +321,20 @@ def test_ctypes_signatures_are_declared(host_library: kernels.PostprocessLibrary
     """Float arguments must go through c_float (an undeclared signature would pass garbage, not fail)."""
     fn = host_library.lib.edgead_pp_efficientad_host
     assert fn.argtypes[8] is ctypes.c_float and fn.restype is ctypes.c_int and len(fn.argtypes) == 15
+
+
+def test_the_cuda_library_is_built_wherever_nvcc_is() -> None:
+    """CI has nvcc: `make kernels` must have produced an up-to-date CUDA library, or the kernels silently stopped compiling."""
+    import shutil
+    from pathlib import Path
+
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None)
+    if nvcc is None:
+        if required():
+            pytest.fail("nvcc not found under CI: the CUDA kernels must compile and link there")
+        pytest.skip("no nvcc on this machine")
+    found = kernels.find_library("cuda")
+    assert found is not None, "nvcc is installed but libedgead_pp_cuda.so was not built: run `make kernels` and read its output"
+    sources = Path(__file__).resolve().parents[2] / "kernels" / "postprocess"
+    newest = max(p.stat().st_mtime for p in sources.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp"))
+    assert found.stat().st_mtime >= newest, f"{found} is older than its sources: the last `make kernels` did not rebuild it"

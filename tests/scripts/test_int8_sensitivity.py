@@ -13,7 +13,6 @@ import torch
 from build_engines.export import export_bundle
 from build_engines.synthetic import generate
 
-pytest.importorskip("onnxruntime")
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "int8_sensitivity.py"
 SIZE = 128
 
