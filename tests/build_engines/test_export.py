@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort  # noqa: E402  (pinned dev dependency: a missing one fails)
+import onnxruntime as ort  # pinned dev dependency: a missing one fails (no importorskip)
 import pytest
 import torch
 

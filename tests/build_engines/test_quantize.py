@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnx
-import onnxruntime as ort  # noqa: E402  (pinned dev dependency: a missing one fails)
+import onnxruntime as ort  # pinned dev dependency: a missing one fails (no importorskip)
 import pytest
 import torch
 
@@ -117,6 +117,17 @@ def test_tensorrt_target_is_symmetric_qdq(setup: dict[str, Path], tmp_path: Path
     reduce_inputs = {i for n in model.graph.node if n.op_type in ("ReduceMean", "ReduceMax") for i in n.input}
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
     assert all(producers.get(i) != "DequantizeLinear" for i in reduce_inputs)
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_percentile_and_entropy_calibration_run_and_keep_the_layer_plan(setup: dict[str, Path], tmp_path: Path, method: str) -> None:
+    path = quantize_merged(setup["bundle"] / "model_merged.onnx", tmp_path / f"{method}.onnx", setup["good"], SIZE, max_images=2, method=method)
+    model = onnx.load(str(path))
+    assert len(_qdq_convs(model)) == 6 and unsupported_ops(model) == []
+    frames = prepare_batch([make_image(200 + i, SIZE)[0] for i in range(2)], SIZE)
+    ref = ort.InferenceSession(str(setup["bundle"] / "model_merged.onnx"), providers=["CPUExecutionProvider"]).run(["score"], {"image": frames})[0]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["score"], {"image": frames})[0]
+    assert np.all(np.isfinite(got)) and np.max(np.abs(got - ref)) <= 0.2 * np.max(np.abs(ref)) + 1e-3
 
 
 def test_int8_scores_track_fp32(setup: dict[str, Path]) -> None:

@@ -156,3 +156,21 @@ def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
     torch.save(state, tmp_path / "t.pth")
     with pytest.raises(DataError, match=r"NaN/inf in \['6.bias'\]"):
         load_teacher("s", tmp_path / "t.pth")
+
+
+def test_the_shipped_teacher_loads_and_matches_its_model_card() -> None:
+    """The embedded default teacher: its file is the one its JSON card describes, loads strictly, and computes."""
+    import hashlib
+    import json
+
+    from build_engines.efficientad.teacher import WEIGHTS_DIR, default_teacher_path, load_teacher
+
+    path = default_teacher_path("s")
+    assert path is not None and path == WEIGHTS_DIR / "teacher_s.pth"
+    card = json.loads((WEIGHTS_DIR / "teacher_s.json").read_text())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == card["output_sha256"]
+    teacher = load_teacher("s", "default")
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in teacher.parameters())
+    with torch.no_grad():
+        out = teacher(torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
+    assert out.shape == (1, 384, 24, 24) and torch.isfinite(out).all() and out.std() > 0

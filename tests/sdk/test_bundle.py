@@ -404,3 +404,89 @@ def test_manifest_example_is_valid() -> None:
     m = Manifest.example()
     assert Manifest.from_dict(json.loads(json.dumps(m.to_dict()))) == m
     assert dataclasses.replace(m, size="m").size == "m"
+
+
+@pytest.mark.parametrize(
+    ("engine_trt", "machine_trt", "cc", "match"),
+    [
+        ("10.3.0", "10.3.0", "8.7", True),
+        ("10.3.0.26", "10.3.0.30", "8.7", True),  # the build number (4th field) does not matter
+        ("10.3.0", "10.3.1", "8.7", False),  # a patch release: plans are not portable across it
+        ("10.3.0", "10.4.0", "8.7", False),
+        ("10.3.0", "10.3.0", "8.6", False),  # another GPU generation
+    ],
+)
+def test_engine_match_is_compute_capability_and_tensorrt_major_minor_patch(engine_trt: str, machine_trt: str, cc: str, match: bool) -> None:
+    from edgead.bundle import engine_matches
+
+    engine = EngineEntry("e.engine", "merged", "fp16", engine_trt, "8.7", "Orin", 16, "2026-11-30T00:00:00+00:00")
+    assert engine_matches(engine, Platform(cc, machine_trt, "x")) is match
+
+
+# ------------------------------------------------------------------ every refusal of bundle.py reached by a test
+_ENGINE = {"file": "e.engine", "variant": "merged", "precision": "fp16", "tensorrt_version": "10.3.0", "compute_capability": "8.7",
+           "device_name": "Orin", "max_batch": 16, "built_at": "2026-11-30T00:00:00+00:00"}
+
+
+@pytest.mark.parametrize(
+    "mutate, fragments",
+    [
+        (lambda d: d.update(engines={"not": "a list"}), ("engines", "a list")),
+        (lambda d: d.update(engines=[{**_ENGINE, "variant": "tiled"}]), ("engines[].variant", "'tiled'")),
+        (lambda d: d.update(engines=[_ENGINE]), ("engines[].file", "'e.engine'", "edgead build")),
+        (lambda d: d["variants"]["raw"].update(file="other.onnx"), ("variants.raw.file", "'other.onnx'")),
+        (lambda d: d["files"]["model_raw.onnx"].update(sha256=["0" * 64]), ("files.model_raw.onnx.sha256", "64 lower-case hex")),
+    ],
+)
+def test_manifest_consistency_refusals(bundle: Path, mutate: Any, fragments: tuple[str, ...]) -> None:
+    edit_manifest(bundle, mutate)
+    refused(bundle, *fragments)
+
+
+def test_write_bundle_refusals(tmp_path: Path) -> None:
+    src = tmp_path / "b_src"
+    tb.make_bundle(tmp_path / "b")
+    onnx_file = src / "model_raw.onnx"
+    with_engine = dataclasses.replace(tb.manifest(("raw",)), engines=[EngineEntry(**_ENGINE)])
+    with pytest.raises(BundleError, match="add_engine"):
+        write_bundle(tmp_path / "n1", with_engine, {"model_raw.onnx": onnx_file})
+    with pytest.raises(BundleError, match="not 'manifest.json'"):
+        write_bundle(tmp_path / "n2", tb.manifest(("raw",)), {"model_raw.onnx": onnx_file, MANIFEST: onnx_file})
+    with pytest.raises(BundleError, match="an existing file"):
+        write_bundle(tmp_path / "n3", tb.manifest(("raw",)), {"model_raw.onnx": src / "gone.onnx"})
+    assert not any((tmp_path / n).exists() for n in ("n1", "n2", "n3"))
+    (tmp_path / "plain").write_text("x")
+    refused(tmp_path / "plain", "is a file", "pass the bundle directory")
+    b = load_bundle(tmp_path / "b")
+    with pytest.raises(BundleError, match="one of"):
+        b.path("nothing.onnx")
+
+
+def test_a_failed_overwrite_puts_the_previous_bundle_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = tb.make_bundle(tmp_path / "b")
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    real = os.replace
+    calls = []
+
+    def flaky(a: Any, b: Any) -> None:
+        calls.append((a, b))
+        if len(calls) == 2:  # the new bundle cannot be moved into place (disk full, ...)
+            raise OSError(28, "No space left on device")
+        real(a, b)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError, match="No space"):
+        write_bundle(bundle, tb.manifest(("raw",)), {"model_raw.onnx": tmp_path / "b_src" / "model_raw.onnx"}, overwrite=True)
+    monkeypatch.setattr(os, "replace", real)
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "b_src"]  # no temporary folder left
+
+
+def test_an_unforeseen_value_type_is_still_a_bundle_error(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safety net behind the field checks: whatever a field check missed surfaces as BundleError, not TypeError."""
+
+    def boom(d: object) -> Manifest:
+        raise TypeError("unhashable type: 'list'")
+
+    monkeypatch.setattr(Manifest, "from_dict", staticmethod(boom))
+    refused(bundle, "malformed (TypeError: unhashable type")

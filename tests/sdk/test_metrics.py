@@ -183,6 +183,11 @@ def test_f1_max_brute_force(seed: int) -> None:
     assert thr == max(t for t, v in all_f1.items() if abs(v - best) < 1e-12)  # highest of the best
 
 
+def test_f1_max_tie_between_thresholds_takes_the_highest() -> None:
+    # thresholds 0.8 and 0.4 both give F1 = 0.5 (1 of 2 found with nothing else flagged / both found with 4 false alarms)
+    assert f1_max([0, 1, 0, 0, 0, 1], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]) == (0.5, 0.8)
+
+
 def test_f1_max_perfect() -> None:
     assert f1_max([0, 0, 1], [0.1, 0.2, 0.9]) == (1.0, 0.9)
 
