@@ -58,6 +58,26 @@ def test_padded_pdn_crop_equals_window_of_full_output(size: str) -> None:
     assert not torch.allclose(out_crop[..., 0, 0], out_full[..., cy, cx], atol=1e-3)
 
 
+@pytest.mark.parametrize("size", ["s", "m"])
+def test_unpadded_pdn_on_a_crop_is_exactly_the_window_of_the_full_output(size: str) -> None:
+    """What crop training relies on: the unpadded PDN's outputs on a crop are the full image's target cells
+    [cy+4, cy+crop/4-4), with no border effect at all."""
+    from build_engines.efficientad.distill import UNPADDED_BORDER
+
+    torch.manual_seed(0)
+    padded = pdn(size, padding=True).eval()
+    net = pdn(size, padding=False).eval()
+    net.load_state_dict(padded.state_dict())
+    full = torch.randn(1, 3, 128, 128)
+    cy, cx, crop = 4, 6, 64
+    with torch.no_grad():
+        out_full = padded(full)  # the padded grid is the target grid (input / 4)
+        out_crop = net(full[:, :, 4 * cy : 4 * cy + crop, 4 * cx : 4 * cx + crop])
+    b = UNPADDED_BORDER
+    assert out_crop.shape[-1] == crop // 4 - 2 * b
+    torch.testing.assert_close(out_crop, out_full[..., cy + b : cy + crop // 4 - b, cx + b : cx + crop // 4 - b], rtol=1e-4, atol=1e-5)
+
+
 def test_crop_batch_takes_aligned_windows() -> None:
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 255, (3, 128, 128, 3), dtype=np.uint8)
@@ -106,6 +126,22 @@ def test_resume_continues_exactly(images: Path, tmp_path: Path) -> None:
     meta_a = json.loads((tmp_path / "a.json").read_text())
     meta_b = json.loads((tmp_path / "b.json").read_text())
     assert meta_a["steps"] == 4 and meta_a["loss_every_100"] == meta_b["loss_every_100"]
+
+
+def test_lite1_target_with_stages_and_snapshots(images: Path, tmp_path: Path) -> None:
+    """Another backbone and stage layout (stride-4 stage 2: the backbone sees the image at the PDN size), and a
+    learning curve: a teacher file and its held-out loss every N steps."""
+    out = tmp_path / "t.pth"
+    distill(_cfg(images, out, steps=4, backbone="efficientnet-lite1", stages="2,3", snapshot_every=2, val_fraction=0.0))
+    targets = np.load(tmp_path / "distill_cache_efficientnet-lite1_23_128" / "targets.npy", mmap_mode="r")
+    assert targets.shape[1:] == (384, 32, 32)
+    snaps = sorted(p.name for p in (tmp_path / "t.pth.snapshots").iterdir())
+    assert snaps == ["t_step000002.pth", "t_step000004.pth"]
+    assert load_teacher("s", tmp_path / "t.pth.snapshots" / snaps[0]) is not None
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert [c["step"] for c in meta["curve"]] == [2, 4] and "efficientnet-lite1 stages 2,3" in meta["targets"]
+    with pytest.raises(ConfigError, match="stages"):
+        distill(_cfg(images, tmp_path / "u.pth", stages="4,2"))
 
 
 def test_time_budget_stops_the_run(images: Path, tmp_path: Path) -> None:
