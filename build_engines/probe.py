@@ -46,6 +46,7 @@ from edgead.errors import ConfigError, DataError, message
 from edgead.metrics import image_auroc, pixel_auroc
 from edgead.postprocess import resize_bilinear
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
+from edgead.tiling import Tiling
 
 from .backbones import BACKBONES, PatchFeatures, load_backbone, parse_stages
 from .efficientad.models import check_image_size, pdn
@@ -176,13 +177,26 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 204
     return out
 
 
-def _features(extractor: Extractor, paths: Sequence[Path], batch: int = 8) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
-    feats, shapes = [], []
-    for start in range(0, len(paths), batch):
-        chunk = [read_image(p) for p in paths[start : start + batch]]
-        feats.append(extractor.forward(chunk).float())
-        shapes.extend(f.shape for f in chunk)
-    return torch.cat(feats), shapes
+def _features(extractor: Extractor, paths: Sequence[Path], tiling: Tiling | None = None, batch: int = 8) -> tuple[torch.Tensor, np.ndarray, list[tuple[int, ...]]]:
+    """Features of every image (of every tile of it, with a tiling), the image index of each row, the image shapes."""
+    feats, owner, shapes = [], [], []
+    pending: list[np.ndarray] = []
+
+    def flush() -> None:
+        if pending:
+            feats.append(extractor.forward(pending).float())
+            pending.clear()
+
+    for i, path in enumerate(paths):
+        image = read_image(path)
+        shapes.append(image.shape)
+        for piece in tiling.cut(image) if tiling is not None else [image]:
+            pending.append(piece)
+            owner.append(i)
+            if len(pending) == batch:
+                flush()
+    flush()
+    return torch.cat(feats), np.asarray(owner, np.int64), shapes
 
 
 @dataclass
@@ -191,18 +205,33 @@ class ProbeFeatures:
 
     extractor: Extractor
     bank: torch.Tensor  # (P, C) standardised
-    test: torch.Tensor  # (N, C, h, w) standardised
+    test: torch.Tensor  # (T, C, h, w) standardised, one row per test image (per tile with a tiling)
+    owner: np.ndarray  # (T,) test image of each row
     labels: np.ndarray
     masks: list[np.ndarray] | None
     seconds: float
+    tiling: Tiling | None = None
 
 
-def extract(extractor: Extractor, dataset: Dataset, *, val_fraction: float = 0.1, pixel: bool = False, max_test: int | None = None) -> ProbeFeatures:
+def extract(
+    extractor: Extractor,
+    dataset: Dataset,
+    *,
+    val_fraction: float = 0.1,
+    pixel: bool = False,
+    max_test: int | None = None,
+    tiling: Tiling | None = None,
+    max_train: int | None = None,
+) -> ProbeFeatures:
     """Bank and test features of ``dataset``; the bank uses the same train part of ``train/good`` as
-    ``edgead train`` (``split_train_val`` with ``val_fraction``, seed 0), never a test image."""
+    ``edgead train`` (``split_train_val`` with ``val_fraction``, seed 0), never a test image. With a tiling
+    every image is cut into tiles first (as ``edgead train --tile``)."""
     t0 = time.perf_counter()
     train_paths, _ = split_train_val(dataset.train_good, val_fraction, 0)
-    bank_maps, _ = _features(extractor, train_paths)
+    if max_train is not None and len(train_paths) > max_train:  # full-resolution tiles of hundreds of images do not fit in memory
+        pick = np.random.default_rng(0).choice(len(train_paths), max_train, replace=False)
+        train_paths = [train_paths[i] for i in sorted(pick)]
+    bank_maps, _, _ = _features(extractor, train_paths, tiling)
     c = bank_maps.shape[1]
     bank = bank_maps.permute(0, 2, 3, 1).reshape(-1, c)
     mean, std = bank.mean(0), bank.std(0).clamp_min(1e-6)
@@ -212,10 +241,11 @@ def extract(extractor: Extractor, dataset: Dataset, *, val_fraction: float = 0.1
         samples = [samples[i] for i in sorted(pick)]
     if not samples:
         raise DataError(message("test set", f"no test images in {dataset.root}", "test/good and test/<defect> images", "point --data at a set with a test split"))
-    test, shapes = _features(extractor, [s.path for s in samples])
+    test, owner, shapes = _features(extractor, [s.path for s in samples], tiling)
     masks = [read_mask(s, shape) for s, shape in zip(samples, shapes, strict=True)] if pixel and dataset.has_masks else None
     view = (1, c, 1, 1)
-    return ProbeFeatures(extractor, (bank - mean) / std, (test - mean.view(view)) / std.view(view), np.array([s.label for s in samples]), masks, time.perf_counter() - t0)
+    labels = np.array([s.label for s in samples])
+    return ProbeFeatures(extractor, (bank - mean) / std, (test - mean.view(view)) / std.view(view), owner, labels, masks, time.perf_counter() - t0, tiling)
 
 
 def score(features: ProbeFeatures, *, coreset: float = 0.1, seed: int = 0) -> dict[str, Any]:
@@ -226,14 +256,22 @@ def score(features: ProbeFeatures, *, coreset: float = 0.1, seed: int = 0) -> di
     bank = features.bank
     if coreset < 1.0:
         bank = bank[greedy_coreset(bank, max(1, int(round(coreset * bank.shape[0]))), seed=seed)]
-    n, c, h, w = features.test.shape
-    dist = nearest_distance(features.test.permute(0, 2, 3, 1).reshape(-1, c), bank).reshape(n, h, w)
-    scores = dist.reshape(n, -1).max(1).values.numpy()
+    t, c, h, w = features.test.shape
+    dist = nearest_distance(features.test.permute(0, 2, 3, 1).reshape(-1, c), bank).reshape(t, h, w)
+    n = len(features.labels)
+    scores = np.full(n, -np.inf)
+    np.maximum.at(scores, features.owner, dist.reshape(t, -1).max(1).values.numpy().astype(np.float64))
     pixel = None
     if features.masks is not None:
         pad = features.extractor.pad
         padded = (F.pad(dist[:, None], (pad,) * 4, mode="replicate")[:, 0] if pad else dist).numpy()
-        maps = [resize_bilinear(padded[k : k + 1], m.shape[0], m.shape[1])[0] for k, m in enumerate(features.masks)]
+        maps = []
+        for k, m in enumerate(features.masks):
+            rows = padded[features.owner == k]
+            if features.tiling is not None:
+                maps.append(features.tiling.stitch(rows, m.shape[0], m.shape[1], pad))
+            else:
+                maps.append(resize_bilinear(rows, m.shape[0], m.shape[1])[0])
         pixel = pixel_auroc(features.masks, maps)
     return {
         "extractor": features.extractor.name,
@@ -243,6 +281,7 @@ def score(features: ProbeFeatures, *, coreset: float = 0.1, seed: int = 0) -> di
         "bank_vectors": int(bank.shape[0]),
         "train_patches": int(features.bank.shape[0]),
         "test_images": int(n),
+        "tiling": features.tiling.to_dict() if features.tiling is not None else None,
         "image_auroc": image_auroc(features.labels, scores),
         "pixel_auroc": pixel,
         "seconds": {"features": round(features.seconds, 1), "score": round(time.perf_counter() - t0, 1)},
@@ -250,11 +289,11 @@ def score(features: ProbeFeatures, *, coreset: float = 0.1, seed: int = 0) -> di
 
 
 def probe_dataset(extractor: Extractor, dataset: Dataset, *, coreset: float = 0.1, seed: int = 0, val_fraction: float = 0.1, pixel: bool = False,
-                  max_test: int | None = None) -> dict[str, Any]:
+                  max_test: int | None = None, tiling: Tiling | None = None) -> dict[str, Any]:
     """:func:`extract` then :func:`score`: one extractor, one data set, one seed."""
     if not 0.0 < coreset <= 1.0:
         raise ConfigError(message("--coreset", coreset, "a fraction in (0, 1]", "use 0.1 (PatchCore) or 1 for the whole bank"))
-    result = score(extract(extractor, dataset, val_fraction=val_fraction, pixel=pixel, max_test=max_test), coreset=coreset, seed=seed)
+    result = score(extract(extractor, dataset, val_fraction=val_fraction, pixel=pixel, max_test=max_test, tiling=tiling), coreset=coreset, seed=seed)
     log.info("probe %s on %s (seed %d): image AUROC %.3f, %d bank vectors", extractor.name, dataset.root.name, seed, result["image_auroc"], result["bank_vectors"])
     return result
 
@@ -268,7 +307,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def run_probe(data: Sequence[str | Path], extractors: Sequence[str], *, image_size: int = 128, seeds: int = 3, coreset: float = 0.1,
-              pixel: bool = False, max_test: int | None = None) -> dict[str, Any]:
+              pixel: bool = False, max_test: int | None = None, tiling: Tiling | None = None, max_train: int | None = None) -> dict[str, Any]:
     """Every extractor on every data set, ``seeds`` times; returns the JSON report (``rows`` + ``summary``)."""
     if seeds < 1:
         raise ConfigError(message("--seeds", seeds, "an integer >= 1", "use 3"))
@@ -281,7 +320,7 @@ def run_probe(data: Sequence[str | Path], extractors: Sequence[str], *, image_si
             features = None
             for seed in range(seeds):
                 if features is None or _seeded_weights(spec):  # fixed weights: extract once, only the coreset changes
-                    features = extract(parse_extractor(spec, image_size, seed), ds, pixel=pixel, max_test=max_test)
+                    features = extract(parse_extractor(spec, image_size, seed), ds, pixel=pixel, max_test=max_test, tiling=tiling, max_train=max_train)
                 runs.append(score(features, coreset=coreset, seed=seed))
                 log.info("probe %s on %s (seed %d): image AUROC %.3f", spec, ds.root.name, seed, runs[-1]["image_auroc"])
             rows.extend({"spec": spec, "data": ds.root.name, **r} for r in runs)
@@ -289,7 +328,8 @@ def run_probe(data: Sequence[str | Path], extractors: Sequence[str], *, image_si
             if pixel and runs[0]["pixel_auroc"] is not None:
                 entry["pixel_auroc"] = _spread([r["pixel_auroc"] for r in runs])
             summary.setdefault(spec, {})[ds.root.name] = entry
-    return {"image_size": image_size, "coreset": coreset, "seeds": seeds, "torch_threads": torch.get_num_threads(), "rows": rows, "summary": summary}
+    return {"image_size": image_size, "tiling": tiling.to_dict() if tiling else None, "max_train": max_train, "max_test": max_test, "coreset": coreset, "seeds": seeds, "torch_threads": torch.get_num_threads(),
+            "rows": rows, "summary": summary}
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -315,11 +355,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coreset", type=float, default=0.1, help="fraction of the bank kept by greedy coreset selection (1: whole bank)")
     p.add_argument("--pixel", action="store_true", help="also pixel AUROC (maps resized to each image)")
     p.add_argument("--max-test", type=int, default=None, help="seeded subset of the test images (faster)")
+    p.add_argument("--tile", type=int, default=None, help="cut images into tiles of this many pixels (as edgead train --tile)")
+    p.add_argument("--tile-overlap", type=int, default=0)
+    p.add_argument("--max-train", type=int, default=None, help="seeded subset of the train images for the bank (memory)")
     p.add_argument("--json", type=Path, help="write the report here")
     args = p.parse_args(argv)
     if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
         raise ConfigError(message("--json", str(args.json), "a file path in an existing folder", "pass e.g. --json probe.json"))
-    report = run_probe(args.data, args.extractor, image_size=args.image_size, seeds=args.seeds, coreset=args.coreset, pixel=args.pixel, max_test=args.max_test)
+    tiling = Tiling(args.tile, args.tile_overlap) if args.tile else None
+    report = run_probe(args.data, args.extractor, image_size=args.image_size, seeds=args.seeds, coreset=args.coreset, pixel=args.pixel, max_test=args.max_test, tiling=tiling, max_train=args.max_train)
     report["command"] = "edgead probe " + " ".join(argv if argv is not None else [])
     print(format_summary(report))
     if args.json:

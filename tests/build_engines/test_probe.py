@@ -13,6 +13,7 @@ import torch
 from build_engines.probe import greedy_coreset, main, nearest_distance, parse_extractor, probe_dataset, run_probe
 from edgead.datasets import open_dataset
 from edgead.errors import ConfigError
+from edgead.tiling import Tiling
 
 torch.set_num_threads(1)
 
@@ -125,3 +126,28 @@ def test_bad_coreset_is_refused(tmp_path: Path) -> None:
     ds = open_dataset(_write_set(tmp_path / "sq", n_train=3, n_good=1, n_bad=1, defect=True))
     with pytest.raises(ConfigError, match="coreset"):
         probe_dataset(parse_extractor("random", 128), ds, coreset=0.0)
+
+
+def test_tiled_probe_finds_a_small_defect_the_squeezed_image_loses(tmp_path: Path) -> None:
+    """A 2x2-pixel defect in a 256 px image: squeezed to 128 px it is half a pixel of texture; on 128 px tiles
+    at full resolution it stays 2x2 pixels."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "big"
+    for folder, count, bad in (("train/good", 6, False), ("test/good", 5, False), ("test/dot", 5, True)):
+        (root / folder).mkdir(parents=True)
+        if bad:
+            (root / "ground_truth/dot").mkdir(parents=True)
+        for i in range(count):
+            img = np.clip(cv2.GaussianBlur(rng.normal(128, 30, (256, 256)).astype(np.float32), (0, 0), 3.0), 0, 255).astype(np.uint8)
+            mask = np.zeros_like(img)
+            if bad:
+                y, x = rng.integers(20, 236, 2)
+                img[y : y + 2, x : x + 2] = 0
+                mask[y : y + 2, x : x + 2] = 255
+                cv2.imwrite(str(root / "ground_truth/dot" / f"{i:03d}_mask.png"), mask)
+            cv2.imwrite(str(root / folder / f"{i:03d}.png"), img)
+    ds = open_dataset(root)
+    squeezed = probe_dataset(parse_extractor("random", 128), ds, coreset=0.25)
+    tiled = probe_dataset(parse_extractor("random", 128), ds, coreset=0.25, tiling=Tiling(128, 0), pixel=True)
+    assert tiled["image_auroc"] >= 0.95 and tiled["image_auroc"] > squeezed["image_auroc"] + 0.1
+    assert tiled["tiling"] == {"tile": 128, "overlap": 0} and tiled["pixel_auroc"] > 0.9
