@@ -16,7 +16,7 @@ EXTRAS = {
     "cpu": ["onnxruntime>=1.18"],
     "tensorrt": ["tensorrt>=10.0,<11", "cuda-python>=12.4"],
     "camera": ["PyGObject<3.51"],
-    "dev": ["pytest>=8", "scikit-learn>=1.4", "mypy>=1.10", "ruff>=0.5", "cuda-python>=12.4"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.4", "mypy>=1.10", "ruff>=0.5", "cuda-python>=12.4"],
 }
 
 setup(
