@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 BUILD  := build
 JOBS   ?= 2
 
-.PHONY: all venv kernels lint typecheck test test-gpu demo bench clean
+.PHONY: all venv kernels lint typecheck test test-gpu demo bench soak clean
 
 all: test
 
@@ -49,6 +49,10 @@ demo: venv
 
 bench: venv
 	$(VENV)/bin/edgead bench demo_out/bundle --precision fp32,int8 --torch-baseline demo_out/run --json bench_out/bench.json
+
+# Minutes, not in CI: the camera loop on the GigE simulator with periodic camera kills; memory and fds sampled.
+soak: venv
+	$(PY) scripts/soak.py --bundle demo_out/bundle --frames 3000 --fps 10 --kill-every 60 --json bench_out/soak.json
 
 clean:
 	rm -rf $(BUILD) demo_out bench_out
