@@ -52,6 +52,7 @@ bench: venv
 
 # Minutes, not in CI: the camera loop on the GigE simulator with periodic camera kills; memory and fds sampled.
 soak: venv
+	mkdir -p bench_out
 	$(PY) scripts/soak.py --bundle demo_out/bundle --frames 3000 --fps 10 --kill-every 60 --json bench_out/soak.json
 
 clean:
