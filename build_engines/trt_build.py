@@ -81,6 +81,7 @@ class EngineMeta:
     opt_batch: int
     bytes: int
     build_seconds: float
+    fp32_layers: int = 0
 
 
 def check_build_args(precision: str, max_batch: int, opt_batch: int | None = None, workspace_mb: int = DEFAULT_WORKSPACE_MB) -> BuildSettings:
@@ -176,6 +177,7 @@ def engine_entry(meta: EngineMeta, variant: str, built_at: str | None = None) ->
         device_name=meta.device_name,
         max_batch=meta.max_batch,
         built_at=built_at or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        fp32_layers=meta.fp32_layers,
     )
 
 
@@ -195,6 +197,31 @@ def _parse_onnx(trt_mod: Any, builder: trt.Builder, logger: trt.ILogger, onnx_pa
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise BackendError(message("TensorRT ONNX parser", f"{onnx_path.name}: " + " | ".join(errors or ["unknown error"]), "a graph TensorRT 10 parses", "re-export with opset 17; check build_engines.onnx_ops.unsupported_ops"))
     return network, parser
+
+
+# ONNX node names of the post-processing tail that MergedGraph exports (everything outside the "/raw/" networks)
+_NETWORK_SCOPE = "/raw/"
+
+
+def keep_map_tail_fp32(trt_mod: Any, network: trt.INetworkDefinition, config: trt.IBuilderConfig) -> int:
+    """Hold the anomaly-map tail of a merged graph in FP32 and make TensorRT obey it; returns the layer count.
+
+    With FP16 enabled TensorRT may run any layer in FP16. The tail (squared differences, channel means over 384
+    channels, quantile affines, pad, max) must not: squares of strong anomalies overflow FP16 (65504) and the
+    rounding (~1e-3) sits right at the decision threshold. Layers of the three networks (ONNX names under
+    ``/raw/``) stay free; every other layer gets ``precision = float32`` and FP32 outputs, with
+    ``OBEY_PRECISION_CONSTRAINTS``. (TensorRT 10.12+ prefers strongly typed networks; precision constraints
+    still build on 10.3, JetPack 6's version.) A raw graph has no tail: 0 layers.
+    """
+    tail = [network.get_layer(i) for i in range(network.num_layers) if not network.get_layer(i).name.startswith(_NETWORK_SCOPE)]
+    if not tail or all(network.get_layer(i).name.startswith(_NETWORK_SCOPE) for i in range(network.num_layers)):
+        return 0
+    for layer in tail:
+        layer.precision = trt_mod.float32
+        for k in range(layer.num_outputs):
+            layer.set_output_type(k, trt_mod.float32)
+    config.set_flag(trt_mod.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    return len(tail)
 
 
 def build_engine(
@@ -220,10 +247,12 @@ def build_engine(
     logger: trt.ILogger = trt_mod.Logger(trt_mod.Logger.WARNING)
     builder: trt.Builder = trt_mod.Builder(logger)
     network, _parser = _parse_onnx(trt_mod, builder, logger, onnx_path)
+    if network.num_inputs != 1:  # before get_input(0): a graph without inputs must not crash here
+        raise BackendError(message("ONNX inputs", network.num_inputs, "one input (N,3,S,S) with a dynamic N", "export with build_engines.export"))
     inp: trt.ITensor = network.get_input(0)
     image_size = int(inp.shape[-1])
-    if network.num_inputs != 1 or image_size <= 0:
-        raise BackendError(message("ONNX input", f"{network.num_inputs} inputs, shape {inp.shape}", "one input (N,3,S,S) with a dynamic N", "export with build_engines.export"))
+    if image_size <= 0:
+        raise BackendError(message("ONNX input shape", str(inp.shape), "(N,3,S,S) with a static S", "export with build_engines.export"))
     config: trt.IBuilderConfig = builder.create_builder_config()
     config.set_memory_pool_limit(trt_mod.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
     if settings.precision in ("fp16", "int8"):
@@ -232,6 +261,7 @@ def build_engine(
         config.set_flag(trt_mod.BuilderFlag.FP16)
     if settings.precision == "int8":
         config.set_flag(trt_mod.BuilderFlag.INT8)  # explicit quantisation: scales come from the QDQ nodes
+    fp32_layers = keep_map_tail_fp32(trt_mod, network, config) if settings.precision in ("fp16", "int8") else 0
     profile: trt.IOptimizationProfile = builder.create_optimization_profile()
     lo, opt, hi = profile_shapes(image_size, settings.max_batch, settings.opt_batch)
     profile.set_shape(inp.name, trt_mod.Dims(lo), trt_mod.Dims(opt), trt_mod.Dims(hi))
@@ -239,7 +269,11 @@ def build_engine(
     cache_path = Path(timing_cache) if timing_cache is not None else None
     blob = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
     cache: trt.ITimingCache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, False)
+    if not config.set_timing_cache(cache, False):  # a cache from another GPU / TensorRT: start a fresh one, keep building
+        log.warning("timing cache %s does not match this GPU / TensorRT; building with a fresh timing cache (it replaces the file)", cache_path)
+        cache = config.create_timing_cache(b"")
+        if not config.set_timing_cache(cache, False):
+            raise BackendError(message("TensorRT timing cache", "a fresh cache was refused", "an accepted timing cache", "build without --timing-cache"))
     t0 = time.perf_counter()
     plan: trt.IHostMemory | None = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - t0
@@ -251,8 +285,12 @@ def build_engine(
         fh.write(memoryview(plan))  # the plan exactly as TensorRT serialised it: no header
     tmp.replace(engine_path)
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+        final_cache = config.get_timing_cache()
+        if final_cache is None:  # the engine is built and written: a missing cache only costs the next build time
+            log.warning("TensorRT returned no timing cache; %s not updated", cache_path)
+        else:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            cache_path.write_bytes(bytes(memoryview(final_cache.serialize())))
     meta = EngineMeta(
         path=engine_path,
         precision=settings.precision,
@@ -263,6 +301,7 @@ def build_engine(
         opt_batch=settings.opt_batch,
         bytes=engine_path.stat().st_size,
         build_seconds=seconds,
+        fp32_layers=fp32_layers,
     )
     log.info("built %s (%s, %.1f MB) for %s sm%s with TensorRT %s in %.1f s", engine_path, meta.precision, meta.bytes / 1e6, dev.name, dev.compute_capability, meta.tensorrt_version, seconds)
     return meta

@@ -337,6 +337,7 @@ class EngineEntry:
     device_name: str
     max_batch: int
     built_at: str
+    fp32_layers: int = 0  # layers held in FP32 by precision constraints (the map tail of an fp16/int8 merged engine)
 
     def __post_init__(self) -> None:
         # constructing one by hand (toolchain) goes through the same checks as reading one
@@ -352,6 +353,7 @@ class EngineEntry:
             "device_name": self.device_name,
             "max_batch": self.max_batch,
             "built_at": self.built_at,
+            "fp32_layers": self.fp32_layers,
         }
 
     @staticmethod
@@ -370,13 +372,14 @@ class EngineEntry:
         _str(d["device_name"], "engines[].device_name")
         _int(d["max_batch"], "engines[].max_batch", 1)
         _str(d["built_at"], "engines[].built_at")
+        _int(d.get("fp32_layers", 0), "engines[].fp32_layers")
 
     @classmethod
     def from_dict(cls, d: object) -> EngineEntry:
         d = _obj(d, "engines[]")
         keys = ("file", "variant", "precision", "tensorrt_version", "compute_capability", "device_name", "max_batch", "built_at")
-        _keys(d, "engines[]", keys)
-        return cls(**{k: d[k] for k in keys})
+        _keys(d, "engines[]", keys, ("fp32_layers",))
+        return cls(**{k: d[k] for k in keys}, fp32_layers=d.get("fp32_layers", 0))
 
 
 @dataclass(frozen=True)

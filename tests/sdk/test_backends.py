@@ -164,10 +164,10 @@ def test_status_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     fake.Runtime = object  # type: ignore[attr-defined]
     fake.__version__ = "10.13.0"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(cuda, "device_status", lambda: (0, "cudaErrorNoDevice: no NVIDIA GPU is visible"))
     ok, why = trtb.tensorrt_status()
-    assert not ok and "no usable NVIDIA GPU" in why
-    monkeypatch.setattr(cuda, "device_count", lambda: 1)
+    assert not ok and "no usable NVIDIA GPU (cudaErrorNoDevice" in why
+    monkeypatch.setattr(cuda, "device_status", lambda: (1, "1 CUDA device(s)"))
     assert trtb.tensorrt_status(0)[0] is True
     ok, why = trtb.tensorrt_status(3)
     assert not ok and "GPU 3 does not exist" in why
@@ -260,131 +260,6 @@ def test_choose_engine_no_match(engines_bundle: Path) -> None:
     assert f"edgead build {engines_bundle}" in str(info.value)
     e, why = trtb.choose_engine(b, l40, variant=None, precision=None, kernels_available=False, allow_onnx_fallback=True)
     assert e is None and why
-
-
-class _FakeCuda:
-    """Stands in for edgead.backends.cuda: records live streams and buffers; the Nth device allocation can fail."""
-
-    def __init__(self, fail_on_device_alloc: int | None = None) -> None:
-        self.live: set[object] = set()
-        self.device_allocs = 0
-        fake = self
-
-        class Stream:
-            handle = 1
-            raw = 1
-
-            def __init__(self) -> None:
-                fake.live.add(self)
-
-            def close(self) -> None:
-                fake.live.discard(self)
-
-        class DeviceBuffer:
-            def __init__(self, nbytes: int) -> None:
-                fake.device_allocs += 1
-                if fake.device_allocs == fail_on_device_alloc:
-                    raise BackendError("CUDA cudaMalloc: cudaErrorMemoryAllocation")
-                self.nbytes, self.ptr = nbytes, 4096 * fake.device_allocs
-                fake.live.add(self)
-
-            def close(self) -> None:
-                fake.live.discard(self)
-
-        class PinnedBuffer:
-            def __init__(self, shape: tuple[int, ...], dtype: object) -> None:
-                self.array = np.zeros(shape, dtype)  # type: ignore[call-overload]
-                fake.live.add(self)
-
-            def close(self) -> None:
-                fake.live.discard(self)
-
-        self.Stream, self.DeviceBuffer, self.PinnedBuffer = Stream, DeviceBuffer, PinnedBuffer
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        for name in ("Stream", "DeviceBuffer", "PinnedBuffer"):
-            monkeypatch.setattr(cuda, name, getattr(self, name))
-        monkeypatch.setattr(cuda, "set_device", lambda device: None)
-        monkeypatch.setattr(cuda, "device_info", lambda device=0: cuda.DeviceInfo(device, "Fake GPU", "9.0", 1 << 30))
-
-
-def _fake_tensorrt(max_batch: int) -> types.ModuleType:
-    """Just enough of the TensorRT 10 runtime API for TensorRTBackend.__init__: a merged engine of the tiny bundle."""
-    io = {t.name: t for t in _io(score=trtb.TensorInfo("score", False, (-1,), np.dtype(np.float32)))}
-    trt = types.ModuleType("tensorrt")
-
-    class Context:
-        batch = 0
-
-        def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-            self.batch = shape[0]
-            return True
-
-        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-            return (self.batch, *io[name].shape[1:])
-
-        def set_tensor_address(self, name: str, ptr: int) -> None:
-            assert ptr
-
-    class Engine:
-        num_io_tensors = len(io)
-
-        def get_tensor_name(self, i: int) -> str:
-            return list(io)[i]
-
-        def get_tensor_mode(self, name: str) -> str:
-            return "in" if io[name].is_input else "out"
-
-        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-            return io[name].shape
-
-        def get_tensor_dtype(self, name: str) -> np.dtype[np.float32]:
-            return io[name].dtype
-
-        def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
-            return [(1, 3, S, S), (max_batch, 3, S, S), (max_batch, 3, S, S)]
-
-        def create_execution_context(self) -> Context:
-            return Context()
-
-    class Runtime:
-        def __init__(self, logger: object) -> None:
-            pass
-
-        def deserialize_cuda_engine(self, plan: bytes) -> Engine:
-            return Engine()
-
-    trt.__version__ = "10.13.0"  # type: ignore[attr-defined]
-    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})  # type: ignore[attr-defined]
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")  # type: ignore[attr-defined]
-    trt.nptype = lambda dtype: dtype  # type: ignore[attr-defined]
-    trt.Runtime = Runtime  # type: ignore[attr-defined]
-    return trt
-
-
-def _merged_engine(bundle: Path) -> EngineEntry:
-    return next(e for e in load_bundle(bundle).manifest.engines if e.variant == "merged" and e.precision == "fp16" and e.compute_capability == "9.0")
-
-
-def test_tensorrt_backend_allocates_for_max_batch_and_frees_on_close(monkeypatch: pytest.MonkeyPatch, engines_bundle: Path) -> None:
-    fake = _FakeCuda()
-    fake.install(monkeypatch)
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(max_batch=4))
-    be = trtb.TensorRTBackend(load_bundle(engines_bundle), _merged_engine(engines_bundle))
-    assert be.max_batch == 4 and be.min_batch == 1 and "Fake GPU" in be.device
-    assert be._out_shapes == {"image": (4, 3, S, S), "anomaly_map": (4, 1, 12, 12), "score": (4,)}
-    assert len(fake.live) == 1 + 3 + 3  # stream, a device and a pinned buffer per IO tensor
-    be.close()
-    assert fake.live == set() and be.closed
-
-
-def test_tensorrt_backend_failed_construction_frees_what_it_allocated(monkeypatch: pytest.MonkeyPatch, engines_bundle: Path) -> None:
-    fake = _FakeCuda(fail_on_device_alloc=3)  # out of GPU memory at the last IO tensor
-    fake.install(monkeypatch)
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(max_batch=4))
-    with pytest.raises(BackendError, match="cudaErrorMemoryAllocation"):
-        trtb.TensorRTBackend(load_bundle(engines_bundle), _merged_engine(engines_bundle))
-    assert fake.device_allocs == 3 and fake.live == set()  # the stream and the first buffers were released
 
 
 def test_kernel_library_reports_absence(monkeypatch: pytest.MonkeyPatch) -> None:

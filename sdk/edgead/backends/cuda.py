@@ -27,6 +27,7 @@ __all__ = [
     "runtime",
     "check",
     "device_count",
+    "device_status",
     "gpu_available",
     "DeviceInfo",
     "device_info",
@@ -80,11 +81,28 @@ def check(result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def device_count() -> int:
-    """Number of CUDA devices; 0 when there is no usable driver (never raises for that)."""
+def device_status() -> tuple[int, str]:
+    """(number of usable CUDA devices, why none when 0): the CUDA error is named, because
+    ``cudaErrorInsufficientDriver`` (a driver older than the runtime cuda-python links, e.g. cuda-bindings 13
+    under a 12.x driver) and ``cudaErrorNoDevice`` (no GPU) call for different fixes."""
     rt = runtime()
     err, count = rt.cudaGetDeviceCount()
-    return int(count) if int(err) == 0 and count else 0
+    if int(err) == 0 and count:
+        return int(count), f"{int(count)} CUDA device(s)"
+    if int(err) == 0:
+        return 0, "CUDA reports 0 devices"
+    name = getattr(err, "name", str(err))
+    hint = {
+        "cudaErrorInsufficientDriver": "the NVIDIA driver is older than the CUDA runtime of the installed cuda-python: install the cuda-python of your CUDA major "
+        "(pip install 'edgead[tensorrt-cu12]' on CUDA 12 / JetPack 6) or upgrade the driver",
+        "cudaErrorNoDevice": "no NVIDIA GPU is visible (nvidia-smi; CUDA_VISIBLE_DEVICES)",
+    }.get(name, "see nvidia-smi and the driver installation")
+    return 0, f"{name}: {hint}"
+
+
+def device_count() -> int:
+    """Number of CUDA devices; 0 when there is no usable driver (never raises for that; ``device_status`` says why)."""
+    return device_status()[0]
 
 
 def gpu_available() -> bool:

@@ -45,6 +45,7 @@ __all__ = [
     "TensorInfo",
     "check_bindings",
     "batch_range",
+    "check_raw_outputs",
     "choose_engine",
     "kernel_library",
     "TensorRTBackend",
@@ -87,9 +88,9 @@ def tensorrt_status(device: int = 0) -> tuple[bool, str]:
         cuda.runtime()
     except MissingDependencyError:
         return False, "cuda-python is not installed (pip install 'edgead[tensorrt]')"
-    count = cuda.device_count()
+    count, why = cuda.device_status()
     if count == 0:
-        return False, "no usable NVIDIA GPU (CUDA reports no device)"
+        return False, f"no usable NVIDIA GPU ({why})"
     if not 0 <= device < count:
         return False, f"GPU {device} does not exist ({count} present)"
     return True, f"TensorRT {trt_mod.__version__} and {count} GPU(s) present"
@@ -130,6 +131,21 @@ def check_bindings(io: Sequence[TensorInfo], input_name: str, input_shape: tuple
             raise BundleError(message(f"engine '{engine_file}' output '{t.name}' dtype", t.dtype, "float32 or float16", fix))
         if any(d == -1 for d in t.shape[1:]):
             raise BundleError(message(f"engine '{engine_file}' output '{t.name}' shape", t.shape, "only the batch axis dynamic", fix))
+
+
+def check_raw_outputs(shapes: dict[str, tuple[int, ...]], io: dict[str, TensorInfo], engine_file: str, bundle: str) -> None:
+    """A raw engine's outputs as the CUDA kernels read them: teacher (N,C,h,w), student (N,2C,h,w), autoencoder
+    (N,C,h,w), one dtype (fp16 or fp32) for all three. Anything else would make a kernel read out of bounds."""
+    fix = f"rebuild the engine from this bundle: {rebuild_command(bundle, 'raw')}"
+    t, s_, a = (shapes[k] for k in ("teacher", "student", "autoencoder"))
+    if len(t) != 4 or len(s_) != 4 or len(a) != 4:
+        raise BundleError(message(f"engine '{engine_file}' raw output shapes", (t, s_, a), "three NCHW tensors", fix))
+    n, c, h, w = t
+    if s_ != (n, 2 * c, h, w) or a != (n, c, h, w):
+        raise BundleError(message(f"engine '{engine_file}' raw output shapes", f"teacher {t}, student {s_}, autoencoder {a}", f"student {(n, 2 * c, h, w)}, autoencoder {t}", fix))
+    dtypes = {io[k].dtype for k in ("teacher", "student", "autoencoder")}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in NP_DTYPES:
+        raise BundleError(message(f"engine '{engine_file}' raw output dtypes", sorted(str(d) for d in dtypes), "one of float32 / float16 for all three", fix))
 
 
 def batch_range(profile: Sequence[Sequence[int]], input_shape: tuple[int, int, int], engine_file: str, manifest_max_batch: int) -> tuple[int, int]:
@@ -236,7 +252,8 @@ class TensorRTBackend(Backend):
                     "use a merged engine or build the kernels (make kernels)",
                 )
             )
-        cuda.set_device(device)
+        self._device_index = device
+        cuda.set_device(device)  # for this thread; every run and the release set it again (the device is per host thread)
         manifest = bundle.manifest
         size = manifest.input.image_size
         input_shape = (3, size, size)
@@ -258,13 +275,21 @@ class TensorRTBackend(Backend):
         check_bindings(io, manifest.input.name, input_shape, engine.variant, engine.file, str(bundle.source or bundle.root))
         profile = self._engine.get_tensor_profile_shape(manifest.input.name, 0)
         self.min_batch, max_batch = batch_range([_dims(s) for s in profile], input_shape, engine.file, engine.max_batch)
-        self._context: trt.IExecutionContext = self._engine.create_execution_context()
+        context = self._engine.create_execution_context()
+        if context is None:
+            raise BackendError(
+                message("TensorRT create_execution_context", "None (TensorRT could not allocate the context)", "an execution context",
+                        "free GPU memory (other processes on nvidia-smi) or rebuild with a smaller --max-batch")
+            )
+        self._context: trt.IExecutionContext = context
         # everything allocated from here on is released if a later step fails (no leaked stream or buffers)
-        self._graphs: dict[int, Any] = {}
+        self._graph: Any = None  # one CUDA graph, valid for the batch size it was captured with (_graph_n)
+        self._graph_n = 0
         self._host: dict[str, cuda.PinnedBuffer] = {}
         self._dev: dict[str, cuda.DeviceBuffer] = {}
-        self._stream = cuda.Stream()
+        self._stream: cuda.Stream | None = None
         try:
+            self._stream = cuda.Stream()
             info = cuda.device_info(device)
             self._kernels = kernels if engine.variant == "raw" else None
             output_names = VARIANT_OUTPUTS["merged"] if engine.variant == "raw" else VARIANT_OUTPUTS[engine.variant]
@@ -287,8 +312,13 @@ class TensorRTBackend(Backend):
             for t in io:
                 shape = (max_batch, *input_shape) if t.is_input else _dims(self._context.get_tensor_shape(t.name))
                 self._out_shapes[t.name] = shape
+            if self._kernels is not None:  # before a kernel could read out of bounds: the raw outputs must fit it
+                check_raw_outputs(self._out_shapes, self._io, engine.file, str(bundle.source or bundle.root))
+            for t in io:
+                shape = self._out_shapes[t.name]
                 self._dev[t.name] = cuda.DeviceBuffer(int(np.prod(shape)) * t.dtype.itemsize)
-                self._context.set_tensor_address(t.name, self._dev[t.name].ptr)
+                if not self._context.set_tensor_address(t.name, self._dev[t.name].ptr):
+                    raise BackendError(message("TensorRT set_tensor_address", f"refused for '{t.name}'", "an address for every IO tensor", "rebuild the engine with 'edgead build'"))
                 if t.is_input or self._kernels is None:
                     self._host[t.name] = cuda.PinnedBuffer(shape, t.dtype)
             if self._kernels is not None:
@@ -301,7 +331,7 @@ class TensorRTBackend(Backend):
             self._post = manifest.post
             self._use_graph = cuda_graph
         except BaseException:
-            self._release()
+            self._release(reraise=False)  # the original error is the one to report; release failures are logged
             raise
         log.info(
             "TensorRT backend ready: %s, batch %d..%d%s", engine.file, self.min_batch, max_batch, ", CUDA post-processing" if self._kernels is not None else ""
@@ -316,6 +346,7 @@ class TensorRTBackend(Backend):
         return TensorInfo(name, mode == trt.TensorIOMode.INPUT, _dims(dims), np.dtype(trt.nptype(engine.get_tensor_dtype(name))))
 
     def _enqueue(self, n: int) -> None:
+        assert self._stream is not None
         if not self._context.execute_async_v3(self._stream.handle):
             raise BackendError(
                 message("TensorRT execute_async_v3", "failed", "success", "check the TensorRT log above; rebuild the engine with 'edgead build'")
@@ -324,6 +355,7 @@ class TensorRTBackend(Backend):
             t, s, a = (self._dev[k].ptr for k in ("teacher", "student", "autoencoder"))
             _, c, h, w = self._out_shapes["teacher"]
             post = self._post
+            assert self._stream is not None
             kernels.device_postprocess(
                 t,
                 s,
@@ -338,27 +370,63 @@ class TensorRTBackend(Backend):
             )
 
     def _launch(self, n: int) -> None:
+        """Run the engine (and the kernels) for ``n`` images: plainly, or as a CUDA graph.
+
+        A graph bakes in the shapes and the TensorRT scratch state of its capture, so exactly one is kept: for
+        the batch size of the last captured run. Another batch size destroys it and captures anew after a warm-up
+        run at that size (the warm-up computes this run's outputs). If capturing fails the backend falls back to
+        plain enqueues, with one warning.
+        """
         if not self._use_graph:
             self._enqueue(n)
             return
+        if self._graph is not None and self._graph_n == n:
+            cuda.check(cuda.runtime().cudaGraphLaunch(self._graph, self._stream_raw), "cudaGraphLaunch")
+            return
+        self._destroy_graph()
+        self._enqueue(n)  # warm-up outside capture (TensorRT allocates lazily on the first run of a shape): this run's outputs
+        self._graph = self._capture(n)
+        self._graph_n = n if self._graph is not None else 0
+
+    def _capture(self, n: int) -> Any:
+        """An executable graph of one enqueue at batch ``n``, or None (and graphs off) when the stream cannot be captured."""
         rt = cuda.runtime()
-        graph_exec = self._graphs.get(n)
-        if graph_exec is None:
-            self._enqueue(n)  # warm-up outside capture (TensorRT allocates lazily on the first run of a shape)
-            self._stream.synchronize()
-            cuda.check(rt.cudaStreamBeginCapture(self._stream.raw, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture")
-            try:
-                self._enqueue(n)
-            except BaseException:
-                rt.cudaStreamEndCapture(self._stream.raw)  # leave capture mode (the stream is unusable in it); keep the first error
-                raise
-            graph = cuda.check(rt.cudaStreamEndCapture(self._stream.raw), "cudaStreamEndCapture")
-            try:
-                graph_exec = cuda.check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-            finally:
-                rt.cudaGraphDestroy(graph)  # the executable graph does not need its template
-            self._graphs[n] = graph_exec
-        cuda.check(rt.cudaGraphLaunch(graph_exec, self._stream.raw), "cudaGraphLaunch")
+        stream = self._stream_raw
+        err = rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)[0]
+        if int(err) != 0:
+            return self._graphs_off(f"cudaStreamBeginCapture: {getattr(err, 'name', err)}")
+        try:
+            self._enqueue(n)
+        except BaseException:
+            _, partial = rt.cudaStreamEndCapture(stream)  # leave capture mode; a half-captured graph is destroyed, not leaked
+            if partial is not None:
+                rt.cudaGraphDestroy(partial)
+            raise
+        err, graph = rt.cudaStreamEndCapture(stream)
+        if int(err) != 0 or graph is None:
+            return self._graphs_off(f"cudaStreamEndCapture: {getattr(err, 'name', err)}")
+        try:
+            err, graph_exec = rt.cudaGraphInstantiate(graph, 0)
+        finally:
+            rt.cudaGraphDestroy(graph)  # the executable graph does not need its template
+        if int(err) != 0:
+            return self._graphs_off(f"cudaGraphInstantiate: {getattr(err, 'name', err)}")
+        return graph_exec
+
+    def _graphs_off(self, why: str) -> None:
+        log.warning("CUDA graph capture failed (%s); running without CUDA graphs from now on", why)
+        self._use_graph = False
+        return None
+
+    def _destroy_graph(self) -> None:
+        if self._graph is not None:
+            graph, self._graph, self._graph_n = self._graph, None, 0
+            cuda.check(cuda.runtime().cudaGraphExecDestroy(graph), "cudaGraphExecDestroy")
+
+    @property
+    def _stream_raw(self) -> Any:
+        assert self._stream is not None
+        return self._stream.raw
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         n = batch.shape[0]
@@ -366,6 +434,8 @@ class TensorRTBackend(Backend):
             padded = np.zeros((self.min_batch, *batch.shape[1:]), np.float32)
             padded[:n] = batch
             return {k: v[:n] for k, v in self._run(padded).items()}
+        assert self._stream is not None
+        cuda.set_device(self._device_index)  # this thread's current device may be another one
         name = self.input_name
         host_in = self._host[name]
         host_in.array[:n] = batch.astype(host_in.array.dtype, copy=False)
@@ -383,22 +453,36 @@ class TensorRTBackend(Backend):
             outputs[out] = self._host[out].array[:n].astype(np.float32, copy=True)
         return outputs
 
-    def _release(self) -> None:
-        """Free the CUDA graphs, buffers and stream (idempotent)."""
-        if self._graphs:
-            rt = cuda.runtime()
-            for g in self._graphs.values():
-                rt.cudaGraphExecDestroy(g)
-            self._graphs.clear()
+    def _release(self, reraise: bool = True) -> None:
+        """Free the CUDA graph, buffers and stream, all of them even when one fails; the first failure is raised
+        (``reraise``) or logged (when an earlier error is being reported)."""
+        errors: list[BaseException] = []
+
+        def attempt(fn: Any, *args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - collected, the first one surfaces below
+                errors.append(exc)
+
+        attempt(cuda.set_device, self._device_index)
+        attempt(self._destroy_graph)
         for buf in list(self._host.values()):
-            buf.close()
+            attempt(buf.close)
         for dbuf in list(self._dev.values()):
-            dbuf.close()
+            attempt(dbuf.close)
         self._host.clear()
         self._dev.clear()
-        self._stream.close()
+        if self._stream is not None:
+            attempt(self._stream.close)
+            self._stream = None
+        if errors and reraise:
+            raise errors[0]
+        for exc in errors:
+            log.warning("TensorRT backend release: %s", exc)
 
     def _close(self) -> None:
-        self._release()
-        del self._context
-        del self._engine
+        try:
+            self._release()
+        finally:
+            del self._context
+            del self._engine
