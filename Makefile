@@ -42,7 +42,7 @@ test: venv kernels lint typecheck
 
 # On a machine with an NVIDIA GPU: the CUDA kernels against the NumPy reference.
 test-gpu: venv kernels
-	$(PY) -m pytest -q -m gpu
+	EDGEAD_REQUIRE_GPU=1 EDGEAD_REQUIRE_KERNELS=1 $(PY) -m pytest -q -m gpu
 
 demo: venv
 	$(VENV)/bin/edgead demo --out demo_out

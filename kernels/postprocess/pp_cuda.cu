@@ -113,8 +113,28 @@ using namespace edgead_pp;
 
 extern "C" {
 
-int edgead_pp_efficientad(const void* t, const void* s, const void* a, int dtype, int n, int c, int h, int w, float qa_st, float qb_st, float qa_ae,
-                          float qb_ae, int pad, float* map_out, float* score_out, void* stream) {
+int edgead_pp_cuda_probe(int device) {
+  clear_error();
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaGetDeviceCount");
+  if (device < 0 || device >= count) return fail(EDGEAD_PP_ERR_CUDA, "device %d: %d CUDA device(s) present", device, count);
+  int current = 0;
+  err = cudaGetDevice(&current);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaGetDevice");
+  err = cudaSetDevice(device);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaSetDevice");
+  /* a kernel image for this GPU's architecture? (cudaErrorNoKernelImageForDevice otherwise) */
+  cudaFuncAttributes attr;
+  err = cudaFuncGetAttributes(&attr, fused_maps_kernel<float>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, fused_maps_kernel<uint16_t>);
+  cudaSetDevice(current);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaFuncGetAttributes(fused_maps_kernel)");
+  return EDGEAD_PP_OK;
+}
+
+int edgead_pp_efficientad(const void* t, const void* s, const void* a, int dtype, int n, int c, int h, int w, double qa_st, double qb_st, double qa_ae,
+                          double qb_ae, int pad, float* map_out, float* score_out, void* stream) {
   clear_error();
   Affine2 q;
   int rc = check_efficientad_args(t, s, a, dtype, n, c, h, w, qa_st, qb_st, qa_ae, qb_ae, pad, map_out, score_out, &q);

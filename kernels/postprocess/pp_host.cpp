@@ -26,8 +26,8 @@ void clear_error() { g_last_error[0] = '\0'; }
 
 static const int64_t kMaxElements = (int64_t)1 << 40;
 
-int check_efficientad_args(const void* t, const void* s, const void* a, int dtype, int n, int c, int h, int w, float qa_st, float qb_st,
-                           float qa_ae, float qb_ae, int pad, const float* map_out, const float* score_out, Affine2* q) {
+int check_efficientad_args(const void* t, const void* s, const void* a, int dtype, int n, int c, int h, int w, double qa_st, double qb_st,
+                           double qa_ae, double qb_ae, int pad, const float* map_out, const float* score_out, Affine2* q) {
   if (!t || !s || !a || !map_out || !score_out)
     return fail(EDGEAD_PP_ERR_NULL, "null pointer: teacher=%p student=%p ae=%p map_out=%p score_out=%p", t, s, a, (const void*)map_out,
                 (const void*)score_out);
@@ -41,10 +41,11 @@ int check_efficientad_args(const void* t, const void* s, const void* a, int dtyp
   if (!isfinite(qa_st) || !isfinite(qb_st) || !(qb_st > qa_st) || !isfinite(qa_ae) || !isfinite(qb_ae) || !(qb_ae > qa_ae))
     return fail(EDGEAD_PP_ERR_VALUE, "quantiles qa_st=%g qb_st=%g qa_ae=%g qb_ae=%g: expected finite values with qb > qa", qa_st, qb_st, qa_ae,
                 qb_ae);
-  q->qa_st = qa_st;
-  q->scale_st = (float)(0.1 / ((double)qb_st - (double)qa_st));
-  q->qa_ae = qa_ae;
-  q->scale_ae = (float)(0.1 / ((double)qb_ae - (double)qa_ae));
+  /* the difference and the scale in double: qb - qa can be far below float resolution of qa (qa=1000, qb=1000.00003) */
+  q->qa_st = (float)qa_st;
+  q->scale_st = (float)(0.1 / (qb_st - qa_st));
+  q->qa_ae = (float)qa_ae;
+  q->scale_ae = (float)(0.1 / (qb_ae - qa_ae));
   return EDGEAD_PP_OK;
 }
 
@@ -100,7 +101,7 @@ using namespace edgead_pp;
 
 extern "C" {
 
-int edgead_pp_version(void) { return 2; }
+int edgead_pp_version(void) { return 3; }
 
 int edgead_pp_is_cuda(void) {
 #if defined(EDGEAD_PP_WITH_CUDA)
@@ -124,8 +125,8 @@ const char* edgead_pp_error_string(int code) {
 
 const char* edgead_pp_last_error(void) { return g_last_error; }
 
-int edgead_pp_efficientad_host(const void* t, const void* s, const void* a, int dtype, int n, int c, int h, int w, float qa_st, float qb_st,
-                               float qa_ae, float qb_ae, int pad, float* map_out, float* score_out) {
+int edgead_pp_efficientad_host(const void* t, const void* s, const void* a, int dtype, int n, int c, int h, int w, double qa_st, double qb_st,
+                               double qa_ae, double qb_ae, int pad, float* map_out, float* score_out) {
   clear_error();
   Affine2 q;
   const int rc = check_efficientad_args(t, s, a, dtype, n, c, h, w, qa_st, qb_st, qa_ae, qb_ae, pad, map_out, score_out, &q);

@@ -13,8 +13,8 @@ int fail(int code, const char* fmt, ...);
 void clear_error();
 
 /* Checks shared by the CUDA and host entry points; on success fills `q` and returns EDGEAD_PP_OK. */
-int check_efficientad_args(const void* t, const void* s, const void* a, int dtype, int n, int c, int h, int w, float qa_st, float qb_st,
-                           float qa_ae, float qb_ae, int pad, const float* map_out, const float* score_out, Affine2* q);
+int check_efficientad_args(const void* t, const void* s, const void* a, int dtype, int n, int c, int h, int w, double qa_st, double qb_st,
+                           double qa_ae, double qb_ae, int pad, const float* map_out, const float* score_out, Affine2* q);
 int check_resize_args(const float* in, int n, int h, int w, const float* out, int oh, int ow);
 
 }  // namespace edgead_pp

@@ -225,7 +225,7 @@ class Detector:
             text = f"auto: ONNX Runtime because the bundle has no TensorRT engine (build one: edgead build {bundle.source or bundle.root} --variant merged --precision fp16)"
             return OnnxRuntimeBackend(bundle, self._ort_variant(variant, precision), threads=threads), text
         platform = trt_backend.current_platform(device)
-        lib, kernel_why = trt_backend.kernel_library()
+        lib, kernel_why = trt_backend.kernel_library(device)
         # auto never refuses for lack of an engine: it runs ONNX Runtime and says why (with the build command)
         fallback = allow_fallback or requested == "auto"
         engine, why = trt_backend.choose_engine(

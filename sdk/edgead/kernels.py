@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 DTYPE_FP32 = 0  # same codes as TensorRT's DataType.FLOAT / DataType.HALF
 DTYPE_FP16 = 1
-ABI_VERSION = 2
+ABI_VERSION = 3
 LIBRARY_NAMES = {"host": "libedgead_pp_host.so", "cuda": "libedgead_pp_cuda.so"}
 _KINDS = tuple(LIBRARY_NAMES)
 NP_DTYPES: dict[np.dtype, int] = {np.dtype(np.float32): DTYPE_FP32, np.dtype(np.float16): DTYPE_FP16}
@@ -59,8 +59,8 @@ _FALLBACK_WARNED: set[str] = set()
 
 _c_void_p = ctypes.c_void_p
 _c_int = ctypes.c_int
-_c_float = ctypes.c_float
-_PP_ARGS: list[Any] = [_c_void_p, _c_void_p, _c_void_p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_float, _c_float, _c_float, _c_float, _c_int, _c_void_p, _c_void_p]
+_c_double = ctypes.c_double  # quantiles cross as doubles: qb - qa may be below float32 resolution of qa
+_PP_ARGS: list[Any] = [_c_void_p, _c_void_p, _c_void_p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_double, _c_double, _c_double, _c_double, _c_int, _c_void_p, _c_void_p]
 _RESIZE_ARGS: list[Any] = [_c_void_p, _c_int, _c_int, _c_int, _c_void_p, _c_int, _c_int]
 
 
@@ -127,13 +127,27 @@ class PostprocessLibrary:
             rc = self.lib.edgead_pp_resize_bilinear(maps, n, h, w, out, out_h, out_w, stream or None)
         self._check(rc, f"{self.kind} resize kernel")
 
+    def probe(self, device: int = 0) -> None:
+        """CUDA build: BackendError unless the kernels can run on ``device`` (see ``edgead_pp_cuda_probe``)."""
+        self._require_cuda()
+        rc = self.lib.edgead_pp_cuda_probe(int(device))
+        if rc != 0:
+            detail = self.lib.edgead_pp_last_error().decode(errors="replace")
+            raise BackendError(
+                message(f"CUDA post-processing library {self.path}", f"cannot run on GPU {device}: {detail}", "a CUDA driver and GPU this build supports",
+                        "update the NVIDIA driver, or rebuild the kernels for this GPU (EDGEAD_CUDA_ARCHS in CMakeLists.txt)")
+            )
+
     def _require_cuda(self) -> None:
         if self.kind != "cuda":
             raise ConfigError(message("kernel library", f"the {self.kind} library", "the CUDA library for device pointers", "load_library('cuda')"))
 
 
-def load_library(kind: str = "host") -> PostprocessLibrary:
+def load_library(kind: str = "host", device: int = 0) -> PostprocessLibrary:
     """Load ``libedgead_pp_{kind}.so``; raises BackendError (saying how to build it) when it is missing.
+
+    The CUDA build is probed on ``device`` at load: a driver too old for its statically linked CUDA runtime or a
+    GPU architecture it was not compiled for is a BackendError here (so callers fall back), not at the first run.
 
     >>> lib = load_library("host")  # doctest: +SKIP
     >>> lib.kind
@@ -163,12 +177,17 @@ def load_library(kind: str = "host") -> PostprocessLibrary:
         lib.edgead_pp_efficientad.restype = _c_int
         lib.edgead_pp_resize_bilinear.argtypes = [*_RESIZE_ARGS, _c_void_p]
         lib.edgead_pp_resize_bilinear.restype = _c_int
+        lib.edgead_pp_cuda_probe.argtypes = [_c_int]
+        lib.edgead_pp_cuda_probe.restype = _c_int
     version = lib.edgead_pp_version()
     if version != ABI_VERSION or lib.edgead_pp_is_cuda() != (kind == "cuda"):
         raise BackendError(
             message(f"{kind} post-processing library {path}", f"ABI {version}, cuda={lib.edgead_pp_is_cuda()}", f"ABI {ABI_VERSION} of the {kind} build", "rebuild with `make kernels`")
         )
-    return PostprocessLibrary(kind, path, lib)
+    loaded = PostprocessLibrary(kind, path, lib)
+    if kind == "cuda":
+        loaded.probe(device)  # fail here (and fall back) rather than at the first inference
+    return loaded
 
 
 def _check_arrays(teacher: Any, student: Any, ae: Any) -> tuple[int, tuple[int, int, int, int]]:

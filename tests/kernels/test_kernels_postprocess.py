@@ -318,9 +318,21 @@ def test_postprocess_cuda_path_from_host_arrays(cuda_library: kernels.Postproces
 
 
 def test_ctypes_signatures_are_declared(host_library: kernels.PostprocessLibrary) -> None:
-    """Float arguments must go through c_float (an undeclared signature would pass garbage, not fail)."""
+    """Quantiles go through c_double (an undeclared signature would pass garbage, not fail)."""
     fn = host_library.lib.edgead_pp_efficientad_host
-    assert fn.argtypes[8] is ctypes.c_float and fn.restype is ctypes.c_int and len(fn.argtypes) == 15
+    assert all(fn.argtypes[i] is ctypes.c_double for i in range(8, 12)) and fn.restype is ctypes.c_int and len(fn.argtypes) == 15
+
+
+def test_quantiles_closer_than_float_resolution_are_accepted(host_library: kernels.PostprocessLibrary) -> None:
+    """qa=1000, qb=1000.00003: equal in float32, distinct in the double the Python side holds; the kernel must
+    take them as the NumPy reference does (it refused them when they crossed as floats)."""
+    t, s, a = _outputs((1, 4, 3, 3), np.float32, seed=9)
+    t += 1000.0
+    post = EfficientADPost(QuantileAffine(1000.0, 1000.00003), QuantileAffine(0.0, 1.0), pad=1)
+    assert np.float32(post.st.qa) == np.float32(post.st.qb)
+    maps, scores = kernels.host_postprocess(t, s, a, post, library=host_library)
+    ref_maps, ref_scores = efficientad_postprocess(t, s, a, post)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-3)
 
 
 def test_the_cuda_library_is_built_wherever_nvcc_is() -> None:
@@ -338,3 +350,22 @@ def test_the_cuda_library_is_built_wherever_nvcc_is() -> None:
     sources = Path(__file__).resolve().parents[2] / "kernels" / "postprocess"
     newest = max(p.stat().st_mtime for p in sources.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp"))
     assert found.stat().st_mtime >= newest, f"{found} is older than its sources: the last `make kernels` did not rebuild it"
+
+
+def test_the_real_cuda_library_refuses_to_load_where_it_cannot_run() -> None:
+    """On a machine without a usable GPU (CI) the CUDA build is found but its probe fails at load, naming the
+    CUDA error, so the TensorRT backend falls back at construction instead of failing at the first inference."""
+    from edgead.backends import cuda
+
+    if kernels.find_library("cuda") is None:
+        if required():
+            pytest.fail("libedgead_pp_cuda.so not built under CI")
+        pytest.skip("CUDA library not built")
+    try:
+        usable = cuda.gpu_available()
+    except Exception:  # noqa: BLE001 - no cuda-python: no GPU either
+        usable = False
+    if usable:
+        pytest.skip("a GPU is present: the probe passes there (gpu tests)")
+    with pytest.raises(BackendError, match="cannot run on GPU 0: cudaGetDeviceCount"):
+        kernels.load_library("cuda")

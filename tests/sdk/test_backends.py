@@ -265,7 +265,7 @@ def test_choose_engine_no_match(engines_bundle: Path) -> None:
 def test_kernel_library_reports_absence(monkeypatch: pytest.MonkeyPatch) -> None:
     from edgead import kernels
 
-    def missing(flavour: str) -> None:
+    def missing(flavour: str, device: int = 0) -> None:
         raise OSError(f"libedgead_pp_{flavour}.so: cannot open shared object file")
 
     monkeypatch.setattr(kernels, "load_library", missing)

@@ -275,3 +275,12 @@ def test_cuda_helpers_round_trip_on_the_simulated_device(sim: simdevice.Sim) -> 
         for x in (src, dst, start, end):
             x.close()
     assert not sim.cuda.live()
+
+
+def test_a_kernel_library_that_cannot_run_makes_auto_use_the_merged_engine(sim: simdevice.Sim, bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
+    real = sim.kernels.lib.edgead_pp_cuda_probe
+    sim.kernels.lib.edgead_pp_cuda_probe = lambda device: 5  # e.g. cudaErrorNoKernelImageForDevice: sm_72 not compiled
+    with caplog.at_level(logging.INFO), Detector(bundle, backend="tensorrt") as det:
+        assert det.variant == "merged"
+    assert "cannot run on GPU 0" in " ".join(r.getMessage() for r in caplog.records)
+    sim.kernels.lib.edgead_pp_cuda_probe = real

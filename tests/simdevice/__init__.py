@@ -52,7 +52,14 @@ def installed(monkeypatch: pytest.MonkeyPatch, *, n_devices: int = 2, compute_ca
     if with_kernels:
         lib = kernels.cuda_library(device, edgead_kernels.load_library("host"))
         real_load = edgead_kernels.load_library
-        monkeypatch.setattr(edgead_kernels, "load_library", lambda kind="host": lib if kind == "cuda" else real_load(kind))
+
+        def load(kind: str = "host", device: int = 0) -> Any:
+            if kind != "cuda":
+                return real_load(kind)
+            lib.probe(device)  # as the real loader does
+            return lib
+
+        monkeypatch.setattr(edgead_kernels, "load_library", load)
     try:
         yield Sim(device, state, lib)
     finally:

@@ -36,6 +36,14 @@ class _SimCudaLib:
     def edgead_pp_last_error(self) -> bytes:
         return self._error or self._host.edgead_pp_last_error()
 
+    def edgead_pp_cuda_probe(self, device: int) -> int:
+        err, count = self._device.cudaGetDeviceCount()
+        if int(err) != 0 or not 0 <= device < (count or 0):
+            self._error = f"cudaGetDeviceCount: {getattr(err, 'name', err)} ({count} devices, asked for {device})".encode()
+            return 5
+        self._error = b""
+        return 0
+
     def _span(self, ptr: int, nbytes: int) -> bool:
         return self._device.find(ptr, nbytes, "device") is not None
 

@@ -176,10 +176,10 @@ def batch_range(profile: Sequence[Sequence[int]], input_shape: tuple[int, int, i
     return lo[0], hi[0]
 
 
-def kernel_library() -> tuple[Any | None, str]:
-    """The CUDA post-processing library (``edgead.kernels.load_library('cuda')``) or None and why not."""
+def kernel_library(device: int = 0) -> tuple[Any | None, str]:
+    """The CUDA post-processing library, probed on ``device`` (``edgead.kernels.load_library('cuda')``), or None and why not."""
     try:
-        lib = kernels.load_library("cuda")
+        lib = kernels.load_library("cuda", device)
     except Exception as exc:  # noqa: BLE001 - any failure means: no device post-processing
         return None, f"the CUDA post-processing library is not available ({exc})"
     return lib, f"CUDA post-processing library {getattr(lib, 'path', '')} loaded"
