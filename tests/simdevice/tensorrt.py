@@ -173,7 +173,7 @@ class INetworkDefinition:
         return self.layers[index]
 
 
-class IParserError:
+class ParserError:
     def __init__(self, text: str) -> None:
         self.text = text
 
@@ -187,13 +187,13 @@ class IParserError:
 class OnnxParser:
     def __init__(self, network: INetworkDefinition, logger: Logger) -> None:
         self.network, self.logger = network, logger
-        self.errors: list[IParserError] = []
+        self.errors: list[ParserError] = []
 
     @property
     def num_errors(self) -> int:
         return len(self.errors)
 
-    def get_error(self, index: int) -> IParserError:
+    def get_error(self, index: int) -> ParserError:
         return self.errors[index]
 
     def parse_from_file(self, model: str) -> bool:
@@ -204,11 +204,11 @@ class OnnxParser:
         try:
             m = onnx.load(model)
         except Exception as exc:  # noqa: BLE001 - a parser reports, never raises
-            self.errors.append(IParserError(f"cannot read {model}: {exc}"))
+            self.errors.append(ParserError(f"cannot read {model}: {exc}"))
             return False
         issues = unsupported_ops(m)
         if issues:
-            self.errors += [IParserError(f"{i.node}: {i.op_type} {i.reason}") for i in issues]
+            self.errors += [ParserError(f"{i.node}: {i.op_type} {i.reason}") for i in issues]
             return False
         types = {1: DataType.FLOAT, 10: DataType.HALF}
         init = {i.name for i in m.graph.initializer}
@@ -387,7 +387,7 @@ class ICudaEngine:
         _state().contexts.append(ctx)
         return ctx
 
-    def session(self) -> Any:
+    def _session_(self) -> Any:
         if self._session is None:
             import onnxruntime as ort
 
@@ -457,7 +457,7 @@ class IExecutionContext:
             except IndexError as exc:
                 log.log(Logger.ERROR, f"execute_async_v3: tensor {name}: {exc}")
                 return False
-        header, session = self.engine.header, self.engine.session()
+        header, session = self.engine.header, self.engine._session_()
         inp = header["input"]["name"]
         fp16 = header["fp16"] and not header["int8"]
         fp32_tail = bool(header["fp32_layers"])
