@@ -54,6 +54,10 @@ EDGEAD_PP_API int edgead_pp_efficientad(const void* t, const void* s, const void
  * runtime fails here with cudaErrorInsufficientDriver) and that the fused kernel has an image for the GPU's
  * architecture. EDGEAD_PP_OK or EDGEAD_PP_ERR_CUDA with the CUDA error name in edgead_pp_last_error(). */
 EDGEAD_PP_API int edgead_pp_cuda_probe(int device);
+/* CUDA build: the SM architectures it was compiled for, e.g. "86,87,89,90", and the CUDA runtime it links
+ * statically (1000 * major + 10 * minor, as cudaRuntimeGetVersion), for `edgead doctor`. */
+EDGEAD_PP_API const char* edgead_pp_cuda_archs(void);
+EDGEAD_PP_API int edgead_pp_cuda_runtime_version(void);
 EDGEAD_PP_API int edgead_pp_resize_bilinear(const float* in, int n, int h, int w, float* out, int oh, int ow, void* stream);
 
 /* Host build (and also exported by the CUDA build): host pointers, synchronous. */

@@ -113,6 +113,10 @@ using namespace edgead_pp;
 
 extern "C" {
 
+const char* edgead_pp_cuda_archs(void) { return EDGEAD_PP_ARCHS; }
+
+int edgead_pp_cuda_runtime_version(void) { return EDGEAD_PP_CUDART_VERSION; }
+
 int edgead_pp_cuda_probe(int device) {
   clear_error();
   int count = 0;

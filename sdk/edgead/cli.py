@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("build_engines.export", "export a run to a bundle (simplified ONNX + manifest)"),
     "build": ("build_engines.trt_build", "compile a TensorRT engine into a bundle (needs TensorRT)"),
     "bench": ("build_engines.bench", "latency / throughput benchmark of a bundle (JSON output)"),
+    "doctor": ("edgead.doctor", "what this machine can run and why: ONNX Runtime, CUDA driver/runtime, GPUs, TensorRT, kernels, a bundle's engines"),
     "demo": ("build_engines.demo", "end-to-end demo: synthetic data -> train -> eval -> export -> Detector"),
 }
 

@@ -138,6 +138,13 @@ class PostprocessLibrary:
                         "update the NVIDIA driver, or rebuild the kernels for this GPU (EDGEAD_CUDA_ARCHS in CMakeLists.txt)")
             )
 
+    def build_info(self) -> dict[str, Any]:
+        """CUDA build: compiled SM architectures and the CUDA runtime it links (for ``edgead doctor``)."""
+        self._require_cuda()
+        archs = self.lib.edgead_pp_cuda_archs().decode()
+        v = int(self.lib.edgead_pp_cuda_runtime_version())
+        return {"archs": [a for a in archs.split(",") if a], "cuda_runtime": f"{v // 1000}.{v % 1000 // 10}"}
+
     def _require_cuda(self) -> None:
         if self.kind != "cuda":
             raise ConfigError(message("kernel library", f"the {self.kind} library", "the CUDA library for device pointers", "load_library('cuda')"))
@@ -179,6 +186,8 @@ def load_library(kind: str = "host", device: int = 0) -> PostprocessLibrary:
         lib.edgead_pp_resize_bilinear.restype = _c_int
         lib.edgead_pp_cuda_probe.argtypes = [_c_int]
         lib.edgead_pp_cuda_probe.restype = _c_int
+        lib.edgead_pp_cuda_archs.restype = ctypes.c_char_p
+        lib.edgead_pp_cuda_runtime_version.restype = _c_int
     version = lib.edgead_pp_version()
     if version != ABI_VERSION or lib.edgead_pp_is_cuda() != (kind == "cuda"):
         raise BackendError(

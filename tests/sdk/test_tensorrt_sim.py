@@ -202,6 +202,7 @@ def test_raw_engine_with_outputs_the_kernels_cannot_read_is_refused(sim: simdevi
 def test_auto_names_the_cuda_error(sim: simdevice.Sim, bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
     """cuda-bindings 13 under a 12.x driver: every call fails with cudaErrorInsufficientDriver, not 'no GPU'."""
     sim.cuda.driver_error = simdevice.cudart.cudaError_t.cudaErrorInsufficientDriver
+    sim.cuda.driver_version = 12080  # an R570 driver: CUDA 12.8
     with caplog.at_level(logging.INFO), Detector(bundle) as det:
         assert det.backend == "onnxruntime"
     text = " ".join(r.getMessage() for r in caplog.records)
@@ -284,3 +285,39 @@ def test_a_kernel_library_that_cannot_run_makes_auto_use_the_merged_engine(sim: 
         assert det.variant == "merged"
     assert "cannot run on GPU 0" in " ".join(r.getMessage() for r in caplog.records)
     sim.kernels.lib.edgead_pp_cuda_probe = real
+
+
+def test_doctor_reports_a_matching_engine_on_the_simulated_device(sim: simdevice.Sim, bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from edgead.cli import main as cli
+
+    assert cli(["doctor", str(bundle), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cuda"]["devices"][0] == {"index": 0, "name": "Simulated GPU 0", "compute_capability": "8.7", "memory_gib": 16.0}
+    assert report["cuda"]["compatible"] and report["tensorrt"]["version"] == "10.13.0.35" and report["tensorrt_backend"]["usable"]
+    assert report["kernels"]["usable"] and report["kernels"]["archs"] == ["86", "87", "89", "90"]
+    engines = {e["variant"]: e for e in report["bundle"]["engines"]}
+    assert engines["merged"]["matches"] and engines["raw"]["matches"]
+    assert report["bundle"]["auto"]["backend"] == "tensorrt" and "build_command" not in report["bundle"]
+    assert cli(["doctor", str(bundle)]) == 0
+    text = capsys.readouterr().out
+    assert "MATCH  raw_fp32_sm87_trt10.13.0.35.engine" in text and "Detector(bundle) runs: tensorrt raw" in text
+
+
+def test_doctor_explains_an_engine_for_another_gpu_and_an_old_driver(sim: simdevice.Sim, bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from edgead.cli import main as cli
+
+    sim.cuda.props[0].major, sim.cuda.props[0].minor = 9, 0  # the bundle's engines were built on sm 8.7
+    assert cli(["doctor", str(bundle), "--json"]) == 0
+    b = json.loads(capsys.readouterr().out)["bundle"]
+    assert not any(e["matches"] for e in b["engines"]) and "compute capability 8.7 (this GPU: 9.0)" in b["engines"][0]["why"]
+    assert b["build_command"] == f"edgead build {bundle} --variant merged --precision fp16" and b["auto"]["backend"] == "onnxruntime"
+    sim.cuda.driver_error = simdevice.cudart.cudaError_t.cudaErrorInsufficientDriver
+    sim.cuda.driver_version = 12080
+    assert cli(["doctor", "--json"]) == 0
+    cuda_report = json.loads(capsys.readouterr().out)["cuda"]
+    assert cuda_report["compatible"] is False and cuda_report["driver_cuda"] == "12.8" and cuda_report["runtime"] == "13.0"
+    assert "tensorrt-cu12" in cuda_report["why"]

@@ -14,7 +14,8 @@ stricter where a real GPU would fail later or silently:
   ``cudaErrorIllegalAddress``);
 * stream capture records the operations into a graph instead of running them; a synchronise of a capturing
   stream is ``cudaErrorStreamCaptureUnsupported`` and invalidates the capture (as the real runtime);
-* failures can be injected: ``driver_error`` (every call fails, e.g. an R570 driver under cuda-bindings 13),
+* failures can be injected: ``driver_error`` (every call fails, e.g. an R570 driver under cuda-bindings 13, with
+  ``driver_version`` 12080),
   ``fail_malloc_after`` (out of memory after N allocations), ``fail_capture`` (capture unsupported).
 
 Every call is recorded in ``calls`` (name, current device, stream) for assertions about correct use.
@@ -148,6 +149,7 @@ class SimulatedRuntime:
         self.graphs: list[cudaGraph_t] = []
         self.calls: list[tuple[str, int, int | None]] = []
         self.driver_error: cudaError_t | None = None
+        self.driver_version = 13000  # CUDA version the driver supports (12080: an R570 driver; 0: none installed)
         self.fail_malloc_after: int | None = None
         self.fail_capture = False
         self.mallocs = 0
@@ -238,7 +240,7 @@ class SimulatedRuntime:
         return ok, cudaError_t(int(error)).name.encode()
 
     def cudaDriverGetVersion(self) -> tuple[cudaError_t, int]:  # noqa: N802
-        return (self.driver_error, 0) if self.driver_error else (ok, 13000)
+        return ok, self.driver_version  # answers even with a too-old driver (0: no driver installed)
 
     def cudaRuntimeGetVersion(self) -> tuple[cudaError_t, int]:  # noqa: N802
         return ok, 13000

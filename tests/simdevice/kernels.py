@@ -36,6 +36,12 @@ class _SimCudaLib:
     def edgead_pp_last_error(self) -> bytes:
         return self._error or self._host.edgead_pp_last_error()
 
+    def edgead_pp_cuda_archs(self) -> bytes:
+        return b"86,87,89,90"
+
+    def edgead_pp_cuda_runtime_version(self) -> int:
+        return 13000
+
     def edgead_pp_cuda_probe(self, device: int) -> int:
         err, count = self._device.cudaGetDeviceCount()
         if int(err) != 0 or not 0 <= device < (count or 0):

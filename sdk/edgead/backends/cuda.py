@@ -92,6 +92,10 @@ def device_status() -> tuple[int, str]:
     if int(err) == 0:
         return 0, "CUDA reports 0 devices"
     name = getattr(err, "name", str(err))
+    if name == "cudaErrorInsufficientDriver":
+        derr, driver = rt.cudaDriverGetVersion()
+        if int(derr) != 0 or not driver:  # no libcuda at all: not an old driver, no driver
+            return 0, f"{name}: no NVIDIA driver is installed (libcuda.so.1 not found): a machine without an NVIDIA GPU, or install the driver"
     hint = {
         "cudaErrorInsufficientDriver": "the NVIDIA driver is older than the CUDA runtime of the installed cuda-python: install the cuda-python of your CUDA major "
         "(pip install 'edgead[tensorrt-cu12]' on CUDA 12 / JetPack 6) or upgrade the driver",
