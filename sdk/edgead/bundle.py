@@ -60,6 +60,7 @@ __all__ = [
     "Bundle",
     "write_bundle",
     "check_bundle_target",
+    "allow_precision",
     "add_engine",
     "load_bundle",
     "sha256_file",
@@ -424,6 +425,8 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     engines: list[EngineEntry] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+    # lower CPU precisions backend="auto" may use, each with the measured fidelity that allowed it (allow_precision)
+    cpu_precisions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def post(self) -> EfficientADPost:
@@ -441,6 +444,7 @@ class Manifest:
             "files": {k: v.to_dict() for k, v in self.files.items()},
             "engines": [e.to_dict() for e in self.engines],
             "producer": self.producer.to_dict(),
+            **({"cpu_precisions": self.cpu_precisions} if self.cpu_precisions else {}),
         }
 
     @classmethod
@@ -455,7 +459,7 @@ class Manifest:
             )
         if version != SCHEMA_VERSION:
             raise _err("schema_version", repr(version), f"{SCHEMA_VERSION}")
-        _keys(d, "manifest", ("schema_version", "family", "size", "input", "variants", "postprocess", "threshold", "producer"), ("files", "engines"))
+        _keys(d, "manifest", ("schema_version", "family", "size", "input", "variants", "postprocess", "threshold", "producer"), ("files", "engines", "cpu_precisions"))
         family = _str(d["family"], "family")
         if family not in FAMILIES:
             raise _err(
@@ -487,6 +491,11 @@ class Manifest:
         if not isinstance(engines_raw, list):
             raise _err("engines", type(engines_raw).__name__, "a list")
         engines = [EngineEntry.from_dict(e) for e in engines_raw]
+        cpu_precisions = _obj(d.get("cpu_precisions", {}), "cpu_precisions")
+        for name, evidence in cpu_precisions.items():
+            if name not in CPU_AUTO_PRECISIONS:
+                raise _err("cpu_precisions", repr(name), f"one of {list(CPU_AUTO_PRECISIONS)}")
+            _obj(evidence, f"cpu_precisions.{name}")
         m = cls(
             family,
             size,
@@ -497,6 +506,7 @@ class Manifest:
             Producer.from_dict(d["producer"]),
             files,
             engines,
+            cpu_precisions=dict(cpu_precisions),
         )
         return m
 
@@ -636,6 +646,21 @@ def write_bundle(out_dir: str | Path, manifest: Manifest, files: Mapping[str, st
 
 
 LOCK_FILE = ".edgead.lock"
+CPU_AUTO_PRECISIONS = ("bf16", "int8")
+
+
+def allow_precision(bundle_dir: str | Path, precision: str, evidence: Mapping[str, Any]) -> None:
+    """Record in the manifest that ``backend="auto"`` may run this bundle at ``precision`` on a CPU, with the
+    fidelity measured against FP32 (``build_engines.fidelity``). Under the bundle lock, atomically."""
+    if precision not in CPU_AUTO_PRECISIONS:
+        raise ConfigError(message("precision to allow", repr(precision), f"one of {list(CPU_AUTO_PRECISIONS)}", "pass bf16 or int8"))
+    root = Path(bundle_dir)
+    with _exclusive(root):
+        bundle = load_bundle(root)
+        data = bundle.manifest.to_dict()
+        data.setdefault("cpu_precisions", {})[precision] = dict(evidence)
+        Manifest.from_dict(data)
+        _write_json_atomic(root / MANIFEST, data)
 
 
 def _not_replaceable(bundle_dir: Path) -> list[str]:

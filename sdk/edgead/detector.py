@@ -29,14 +29,19 @@ import numpy as np
 from .backends.base import Backend, check_threads
 from .backends.onnxruntime import OnnxRuntimeBackend
 from .bundle import Bundle, load_bundle
-from .errors import BackendError, ConfigError, InputError, message
+from .errors import BackendError, ConfigError, InputError, MissingDependencyError, message
 from .postprocess import efficientad_postprocess
 from .preprocess import check_frame, prepare
-from .registry import BACKENDS, COLORS, PRECISIONS, check_choice
+from .registry import BACKENDS, COLORS, RUNTIME_PRECISIONS, check_choice
 from .result import Result
 from .tiling import Tiling
 
 __all__ = ["Detector", "resize_map"]
+
+
+def _evidence(e: dict) -> str:
+    keys = ("score_rank_correlation", "delta_points", "dataset")
+    return ", ".join(f"{k} {e[k]:.4g}" if isinstance(e.get(k), float) else f"{k} {e[k]}" for k in keys if k in e)
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +143,7 @@ class Detector:
         if variant is not None:
             variant = check_choice("variant", variant, manifest.variants)
         if precision is not None:
-            precision = check_choice("precision", precision, PRECISIONS)
+            precision = check_choice("precision", precision, RUNTIME_PRECISIONS)
         if isinstance(device, bool) or not isinstance(device, int | np.integer) or device < 0:
             raise ConfigError(message("device", repr(device), "a GPU index >= 0", "pass device=0"))
         device = int(device)
@@ -169,12 +174,14 @@ class Detector:
             raise ConfigError(message("threshold", repr(value), "a finite real number (int, float or NumPy scalar)", "pass threshold=None to use the bundle's calibrated threshold"))
         return number
 
-    def _ort_variant(self, variant: str | None, precision: str | None) -> str:
+    def _ort_variant(self, variant: str | None, precision: str | None, runtime: str = "ONNX Runtime") -> str:
+        """The bundle variant a CPU runtime runs for ``precision`` (fp32/bf16: merged or raw; int8: merged_int8)."""
         variants = self._bundle.manifest.variants
-        if precision == "fp16":
+        if precision == "fp16" or (precision == "bf16" and runtime == "ONNX Runtime"):
             raise ConfigError(
                 message(
-                    "precision", "'fp16' on ONNX Runtime", "fp32 or int8 (fp16 is a TensorRT engine precision)", "pass backend='tensorrt' or precision=None"
+                    "precision", f"{precision!r} on {runtime}", "fp32 or int8 (fp16 is a TensorRT engine precision, bf16 needs OpenVINO)",
+                    "pass backend='tensorrt' for fp16, backend='openvino' for bf16, or precision=None",
                 )
             )
         if precision is not None and variant is not None and (variant == "merged_int8") != (precision == "int8"):
@@ -182,7 +189,7 @@ class Detector:
                 message(
                     "variant / precision",
                     f"variant={variant!r} with precision={precision!r}",
-                    "int8 only with variant 'merged_int8' on ONNX Runtime",
+                    f"int8 only with variant 'merged_int8' on {runtime}",
                     "pass only one of variant= and precision=",
                 )
             )
@@ -191,7 +198,7 @@ class Detector:
                 raise ConfigError(
                     message(
                         "precision",
-                        "'int8' on ONNX Runtime",
+                        f"'int8' on {runtime}",
                         "a bundle with the merged_int8 variant",
                         "re-export with 'edgead export RUN --int8', or pass precision=None",
                     )
@@ -209,6 +216,10 @@ class Detector:
         bundle = self._bundle
         if requested == "onnxruntime":
             return OnnxRuntimeBackend(bundle, self._ort_variant(variant, precision), threads=threads), "backend='onnxruntime' requested"
+        if requested == "openvino":
+            return self._openvino(variant, precision or "fp32", threads), "backend='openvino' requested"
+        if precision == "bf16":
+            return self._cpu_backend(variant, precision, threads, "precision='bf16' is a CPU precision")
         ok, status = trt_backend.tensorrt_status(device)
         if requested == "tensorrt" and not ok:
             raise BackendError(
@@ -220,10 +231,10 @@ class Detector:
                 )
             )
         if not ok:
-            return OnnxRuntimeBackend(bundle, self._ort_variant(variant, precision), threads=threads), f"auto: ONNX Runtime because {status}"
+            return self._cpu_backend(variant, precision, threads, status)
         if requested == "auto" and not bundle.manifest.engines:
-            text = f"auto: ONNX Runtime because the bundle has no TensorRT engine (build one: edgead build {bundle.source or bundle.root} --variant merged --precision fp16)"
-            return OnnxRuntimeBackend(bundle, self._ort_variant(variant, precision), threads=threads), text
+            why = f"the bundle has no TensorRT engine (build one: edgead build {bundle.source or bundle.root} --variant merged --precision fp16)"
+            return self._cpu_backend(variant, precision, threads, why)
         platform = trt_backend.current_platform(device)
         lib, kernel_why = trt_backend.kernel_library(device)
         # auto never refuses for lack of an engine: it runs ONNX Runtime and says why (with the build command)
@@ -232,11 +243,42 @@ class Detector:
             bundle, platform, variant=variant, precision=precision, kernels_available=lib is not None, allow_onnx_fallback=fallback
         )
         if engine is None:
-            return OnnxRuntimeBackend(
-                bundle, self._ort_variant(variant, None if precision == "fp16" else precision), threads=threads
-            ), f"{requested}: ONNX Runtime because {why}"
+            return self._cpu_backend(variant, None if precision == "fp16" else precision, threads, why, requested)
         backend = trt_backend.TensorRTBackend(bundle, engine, device=device, kernels=lib if engine.variant == "raw" else None, cuda_graph=cuda_graph)
         return backend, f"{requested}: TensorRT with {why}; kernels: {kernel_why}"
+
+    def _openvino(self, variant: str | None, precision: str, threads: int | None) -> Backend:
+        from .backends.openvino import OpenVINOBackend
+
+        return OpenVINOBackend(self._bundle, self._ort_variant(variant, precision, "OpenVINO"), precision=precision, threads=threads)
+
+    def _cpu_backend(self, variant: str | None, precision: str | None, threads: int | None, why_not_gpu: str, requested: str = "auto") -> tuple[Backend, str]:
+        """No usable TensorRT engine: the fastest installed CPU runtime, at the precision asked for or the most
+        efficient one the bundle allows (``manifest.cpu_precisions``, recorded with its measured fidelity).
+
+        OpenVINO runs this model as fast as ONNX Runtime in FP32 and 2-4x faster in BF16 / INT8 on CPUs with
+        AVX-512 BF16 / VNNI (docs/benchmarks.md); ONNX Runtime when OpenVINO is not installed."""
+        from .backends import openvino as ov_backend
+
+        allowed = self._bundle.manifest.cpu_precisions
+        try:
+            ov = ov_backend.import_openvino()
+        except MissingDependencyError:
+            if precision == "bf16":
+                raise
+            hint = " (pip install 'edgead[openvino]' would run it faster: OpenVINO, BF16/INT8 on this kind of CPU)"
+            return OnnxRuntimeBackend(self._bundle, self._ort_variant(variant, precision), threads=threads), f"{requested}: ONNX Runtime because {why_not_gpu}; OpenVINO is not installed{hint}"
+        chosen = precision
+        why_precision = "as asked" if precision else ""
+        if chosen is None:
+            for candidate in ("bf16", "int8"):
+                if candidate in allowed and (candidate != "bf16" or ov_backend.bf16_supported(ov.Core())) and (candidate != "int8" or "merged_int8" in self._bundle.manifest.variants):
+                    chosen, why_precision = candidate, f"allowed by the bundle ({_evidence(allowed[candidate])})"
+                    break
+            else:
+                chosen, why_precision = "fp32", "the bundle allows no lower CPU precision" if not allowed else "no lower precision the bundle allows runs here"
+        backend = self._openvino(variant, chosen, threads)
+        return backend, f"{requested}: OpenVINO {chosen} ({why_precision}) because {why_not_gpu}; OpenVINO is the faster installed CPU runtime"
 
     # ------------------------------------------------------------------ properties
     @property

@@ -17,6 +17,7 @@ __all__ = [
     "FAMILIES",
     "BACKENDS",
     "PRECISIONS",
+    "RUNTIME_PRECISIONS",
     "COLORS",
     "check_choice",
     "family_spec",
@@ -38,8 +39,9 @@ FAMILIES: dict[str, FamilySpec] = {
     "grad": FamilySpec("grad", ("base",), False),
 }
 
-BACKENDS: tuple[str, ...] = ("auto", "tensorrt", "onnxruntime")
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+BACKENDS: tuple[str, ...] = ("auto", "tensorrt", "onnxruntime", "openvino")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")  # TensorRT engine precisions
+RUNTIME_PRECISIONS: tuple[str, ...] = (*PRECISIONS, "bf16")  # what a Detector can be asked for (bf16: OpenVINO on CPUs)
 COLORS: tuple[str, ...] = ("bgr", "rgb", "gray", "bgra", "rgba")
 
 

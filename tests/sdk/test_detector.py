@@ -247,12 +247,13 @@ def test_close_and_context_manager(bundle_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------ backend choice
-def test_auto_picks_onnxruntime_here_and_logs_once(bundle_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_picks_onnxruntime_without_openvino_and_logs_once(bundle_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # not installed
     with caplog.at_level(logging.INFO, logger="edgead.detector"):
         d = Detector(bundle_dir, threads=1)
     lines = [r.getMessage() for r in caplog.records if r.name == "edgead.detector"]
     assert len(lines) == 1
-    assert "backend=onnxruntime" in lines[0] and "because" in lines[0]
+    assert "backend=onnxruntime" in lines[0] and "because" in lines[0] and "edgead[openvino]" in lines[0]
     assert (d.backend, d.precision, d.variant, d.image_size) == ("onnxruntime", "fp32", "merged", S)
 
 
@@ -330,7 +331,7 @@ def trt_present(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]]:
 
     monkeypatch.setattr(trtb, "tensorrt_status", lambda device=0: (True, "TensorRT 10.13.0 and 1 GPU(s) present"))
     monkeypatch.setattr(trtb, "current_platform", lambda device=0: Platform("9.0", "10.13.0.35", "NVIDIA H100"))
-    monkeypatch.setattr(trtb, "kernel_library", lambda: (None, "no CUDA kernels in this test"))
+    monkeypatch.setattr(trtb, "kernel_library", lambda device=0: (None, "no CUDA kernels in this test"))
     monkeypatch.setattr(trtb, "TensorRTBackend", Recorder)
     return built
 
@@ -359,7 +360,7 @@ def test_auto_with_engine_for_another_gpu_runs_onnxruntime_and_says_why(tmp_path
     b = _with_engine(tmp_path, "8.7")
     with caplog.at_level(logging.INFO):
         d = Detector(b, threads=1)
-    assert trt_present == [] and d.backend == "onnxruntime"
+    assert trt_present == [] and d.backend == "openvino"  # the faster installed CPU runtime (a pinned dev dependency)
     text = " ".join(r.getMessage() for r in caplog.records)
     assert f"edgead build {b} --variant merged --precision fp16" in text
 
@@ -369,7 +370,7 @@ def test_explicit_tensorrt_with_engine_for_another_gpu(tmp_path: Path, trt_prese
     with pytest.raises(BundleError, match="allow_onnx_fallback=True"):
         Detector(b, backend="tensorrt")
     d = Detector(b, backend="tensorrt", allow_onnx_fallback=True, threads=1)
-    assert d.backend == "onnxruntime" and trt_present == []
+    assert d.backend == "openvino" and trt_present == []
 
 
 def test_auto_without_engines_names_the_build_command(tmp_path: Path, trt_present: list[tuple[str, object]],
@@ -377,7 +378,7 @@ def test_auto_without_engines_names_the_build_command(tmp_path: Path, trt_presen
     b = tb.make_bundle(tmp_path / "bundle")
     with caplog.at_level(logging.INFO, logger="edgead.detector"):
         d = Detector(b, threads=1)
-    assert d.backend == "onnxruntime"
+    assert d.backend == "openvino"
     assert "no TensorRT engine" in caplog.records[-1].getMessage() and "edgead build" in caplog.records[-1].getMessage()
     with pytest.raises(BundleError, match="no engine in the bundle"):
         Detector(b, backend="tensorrt")
@@ -387,7 +388,7 @@ def test_raw_engine_without_kernels_is_not_picked(tmp_path: Path, trt_present: l
     b = _with_engine(tmp_path, "9.0", variant="raw")
     with pytest.raises(BundleError, match="make kernels"):
         Detector(b, backend="tensorrt")
-    assert Detector(b, threads=1).backend == "onnxruntime"
+    assert Detector(b, threads=1).backend == "openvino"
 
 
 # ------------------------------------------------------------------ what users naturally pass, and what they must not

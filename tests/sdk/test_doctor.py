@@ -23,9 +23,9 @@ def test_doctor_names_what_is_missing_here(tmp_path: Path, capsys: pytest.Captur
     bundle = tb.make_bundle(tmp_path / "b")
     assert cli(["doctor", str(bundle), "--json"]) == 0
     b = json.loads(capsys.readouterr().out)["bundle"]
-    assert b["engines"] == [] and b["auto"]["backend"] == "onnxruntime" and b["variants"] == ["merged", "raw"]
+    assert b["engines"] == [] and b["auto"]["backend"] == "openvino" and b["variants"] == ["merged", "raw"]
     text = format_report(diagnose(str(bundle)))
-    assert "no TensorRT engine in the bundle" in text and "Detector(bundle) runs: onnxruntime merged" in text
+    assert "no TensorRT engine in the bundle" in text and "Detector(bundle) runs: openvino merged" in text
 
 
 def test_doctor_on_a_bundle_that_is_not_one_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -204,7 +204,7 @@ def test_auto_names_the_cuda_error(sim: simdevice.Sim, bundle: Path, caplog: pyt
     sim.cuda.driver_error = simdevice.cudart.cudaError_t.cudaErrorInsufficientDriver
     sim.cuda.driver_version = 12080  # an R570 driver: CUDA 12.8
     with caplog.at_level(logging.INFO), Detector(bundle) as det:
-        assert det.backend == "onnxruntime"
+        assert det.backend == "openvino"
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "cudaErrorInsufficientDriver" in text and "tensorrt-cu12" in text
     with pytest.raises(BackendError, match="cudaErrorInsufficientDriver"):
@@ -314,7 +314,7 @@ def test_doctor_explains_an_engine_for_another_gpu_and_an_old_driver(sim: simdev
     assert cli(["doctor", str(bundle), "--json"]) == 0
     b = json.loads(capsys.readouterr().out)["bundle"]
     assert not any(e["matches"] for e in b["engines"]) and "compute capability 8.7 (this GPU: 9.0)" in b["engines"][0]["why"]
-    assert b["build_command"] == f"edgead build {bundle} --variant merged --precision fp16" and b["auto"]["backend"] == "onnxruntime"
+    assert b["build_command"] == f"edgead build {bundle} --variant merged --precision fp16" and b["auto"]["backend"] == "openvino"
     sim.cuda.driver_error = simdevice.cudart.cudaError_t.cudaErrorInsufficientDriver
     sim.cuda.driver_version = 12080
     assert cli(["doctor", "--json"]) == 0
