@@ -35,7 +35,7 @@ import numpy as np
 from edgead.errors import ConfigError, message
 from edgead.registry import BACKENDS, check_choice
 
-__all__ = ["percentiles", "count_flops", "gemm_gflops", "synthetic_frame", "machine_info", "run_bench", "run_comparison", "format_report", "main"]
+__all__ = ["percentiles", "count_flops", "gemm_gflops", "synthetic_frame", "machine_info", "run_bench", "comparison_pairs", "run_comparison", "format_report", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,11 @@ def count_flops(onnx_path: str | Path, image_size: int | None = None) -> dict[st
     return {"conv_flops": conv, "matmul_flops": matmul, "total_flops": conv + matmul, "int8_conv_flops": int8, "image_size": float(side)}
 
 
-def gemm_gflops(n: int = 2048, repeats: int = 5, threads: int | None = None) -> dict[str, Any]:
-    """Best-of-``repeats`` float32 GEMM rate (GFLOP/s) with torch when importable (thread count set), else numpy."""
+def gemm_gflops(n: int = 2048, repeats: int = 5, threads: int | None = None, dtype: str = "float32") -> dict[str, Any]:
+    """Best-of-``repeats`` GEMM rate (GFLOP/s) with torch when importable (thread count set), else numpy (float32 only).
+
+    ``dtype="bfloat16"``: the BF16 GEMM ceiling (oneDNN's AVX-512 BF16 / AMX kernels), for BF16 runtimes.
+    """
     a_np = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     b_np = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
     fn: Callable[[], object]
@@ -122,9 +125,11 @@ def gemm_gflops(n: int = 2048, repeats: int = 5, threads: int | None = None) -> 
 
         if threads:
             torch.set_num_threads(threads)
-        a, b = torch.from_numpy(a_np), torch.from_numpy(b_np)
-        fn, engine = (lambda: torch.mm(a, b)), f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+        a, b = torch.from_numpy(a_np).to(getattr(torch, dtype)), torch.from_numpy(b_np).to(getattr(torch, dtype))
+        fn, engine = (lambda: torch.mm(a, b)), f"torch {torch.__version__} {dtype} ({torch.get_num_threads()} threads)"
     except ImportError:
+        if dtype != "float32":
+            return {"n": n, "engine": "unavailable", "dtype": dtype, "skipped": "torch not importable"}
         fn, engine = (lambda: a_np @ b_np), f"numpy {np.__version__} (BLAS threads from the environment)"
     fn()
     times = []
@@ -133,7 +138,7 @@ def gemm_gflops(n: int = 2048, repeats: int = 5, threads: int | None = None) -> 
         fn()
         times.append(time.perf_counter() - t0)
     best = min(times)
-    return {"n": n, "engine": engine, "best_s": best, "gflops": 2.0 * n**3 / best / 1e9, "median_gflops": 2.0 * n**3 / float(np.median(times)) / 1e9}
+    return {"n": n, "engine": engine, "dtype": dtype, "best_s": best, "gflops": 2.0 * n**3 / best / 1e9, "median_gflops": 2.0 * n**3 / float(np.median(times)) / 1e9}
 
 
 def synthetic_frame(size: int, seed: int = 0) -> np.ndarray:
@@ -323,19 +328,50 @@ def _relate(report: dict[str, Any], baseline: dict[str, Any] | None, gemm: dict[
         report["fraction_of_gemm"] = report["achieved_gflops"] / gemm["gflops"]
 
 
-def run_comparison(bundle: str | Path, precisions: list[str], *, torch_baseline: str | Path | None = None, gemm: bool = True, **kwargs: Any) -> dict[str, Any]:
-    """Several precisions of one bundle benchmarked in one process, one after the other, then set against
-    one PyTorch baseline and one GEMM measured in the same run (``kwargs``: those of ``run_bench``).
+def comparison_pairs(backends: list[str], precisions: list[str], variants: list[str]) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """Every (backend, precision) pair that can run this bundle, and why the others cannot.
 
-    >>> r = run_comparison("bundle", ["fp32", "int8"], threads=2, torch_baseline="run")  # doctest: +SKIP
-    >>> r["results"]["int8"]["speedup_vs_torch"]["throughput"]  # doctest: +SKIP
+    >>> comparison_pairs(["onnxruntime", "openvino"], ["fp32", "bf16"], ["merged"])[0]
+    [('onnxruntime', 'fp32'), ('openvino', 'fp32'), ('openvino', 'bf16')]
     """
-    from edgead.registry import PRECISIONS
+    from edgead.registry import RUNTIME_PRECISIONS
 
-    if not precisions or len(set(precisions)) != len(precisions):
-        raise ConfigError(message("precisions to compare", precisions, f"distinct values of {', '.join(PRECISIONS)}", "pass e.g. --precision fp32,int8"))
-    report: dict[str, Any] = {"machine": machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "compare": list(precisions)}
-    results = {p: run_bench(bundle, precision=check_choice("precision", p, PRECISIONS), torch_baseline=None, gemm=False, **kwargs) for p in precisions}
+    backends = [check_choice("backend", b, BACKENDS) for b in backends]
+    precisions = [check_choice("precision", p, RUNTIME_PRECISIONS) for p in precisions]
+    if not backends or not precisions or len(set(backends)) != len(backends) or len(set(precisions)) != len(precisions):
+        raise ConfigError(message("backends / precisions to compare", (backends, precisions), "distinct values of each", "pass e.g. --backend onnxruntime,openvino --precision fp32,int8"))
+    pairs, skipped = [], {}
+    for b in backends:
+        for p in precisions:
+            key = f"{b}/{p}"
+            if p == "bf16" and b not in ("openvino", "auto"):
+                skipped[key] = "bf16 runs on OpenVINO"
+            elif p == "fp16" and b not in ("tensorrt", "auto"):
+                skipped[key] = "fp16 is a TensorRT engine precision"
+            elif p == "int8" and "merged_int8" not in variants and b != "tensorrt":
+                skipped[key] = "the bundle has no merged_int8 variant (edgead export --int8)"
+            else:
+                pairs.append((b, p))
+    if not pairs:
+        raise ConfigError(message("backend / precision pairs", skipped, "at least one runnable pair", "see the reasons listed"))
+    return pairs, skipped
+
+
+def run_comparison(bundle: str | Path, precisions: list[str], *, backends: list[str] | None = None, torch_baseline: str | Path | None = None,
+                   gemm: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """Several backend / precision pairs of one bundle benchmarked in one process, one after the other, then set
+    against one PyTorch baseline and one GEMM (FP32, and BF16 when torch has it) measured in the same run
+    (``kwargs``: those of ``run_bench``). Results are keyed ``backend/precision``.
+
+    >>> r = run_comparison("bundle", ["fp32", "int8"], backends=["onnxruntime", "openvino"], threads=2, torch_baseline="run")  # doctest: +SKIP
+    >>> r["results"]["openvino/int8"]["speedup_vs_torch"]["throughput"]  # doctest: +SKIP
+    """
+    from edgead.bundle import load_bundle
+
+    kwargs.pop("backend", None)
+    pairs, skipped = comparison_pairs(backends or ["auto"], precisions, sorted(load_bundle(bundle).manifest.variants))
+    report: dict[str, Any] = {"machine": machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "compare": [f"{b}/{p}" for b, p in pairs], "skipped": skipped}
+    results = {f"{b}/{p}": run_bench(bundle, backend=b, precision=p, torch_baseline=None, gemm=False, **kwargs) for b, p in pairs}
     first = next(iter(results.values()))
     c = first["config"]
     baseline = _baseline(
@@ -350,6 +386,8 @@ def run_comparison(bundle: str | Path, precisions: list[str], *, torch_baseline:
     gemm_report = gemm_gflops(threads=c["threads"]) if gemm else None
     for r in results.values():
         _relate(r, baseline, gemm_report)
+    if gemm:
+        report["gemm_bf16"] = gemm_gflops(threads=c["threads"], dtype="bfloat16")
     report["results"] = results
     report["machine"]["load_average_end"] = _load_average()
     return report
@@ -377,13 +415,20 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _existing_parent(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.exists():
+            return parent
+    return Path(".")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``edgead bench BUNDLE [...] [--json OUT]``."""
     parser = argparse.ArgumentParser(prog="edgead bench", description="latency / throughput benchmark of a bundle (JSON output)")
     parser.add_argument("bundle", type=Path)
-    parser.add_argument("--backend", default="auto", help="auto (default), onnxruntime or tensorrt")
+    parser.add_argument("--backend", default="auto", help="auto (default), onnxruntime, openvino or tensorrt; a list (onnxruntime,openvino) compares them")
     parser.add_argument("--variant", default=None, help="merged, raw or merged_int8 (default: the Detector's choice)")
-    parser.add_argument("--precision", default=None, help="fp32, fp16 or int8 (default: the Detector's choice); a list (fp32,int8) compares them in one run")
+    parser.add_argument("--precision", default=None, help="fp32, bf16, fp16 or int8 (default: the Detector's choice); a list (fp32,bf16,int8) compares them in one run")
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch", type=int, default=16)
@@ -394,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-gemm", action="store_true", help="skip the GEMM ceiling measurement")
     parser.add_argument("--json", type=Path, default=None, help="write the full report here")
     args = parser.parse_args(argv)
+    if args.json is not None and (args.json.is_dir() or (args.json.parent.exists() and not args.json.parent.is_dir())
+                                  or not os.access(args.json if args.json.exists() else _existing_parent(args.json), os.W_OK)):
+        raise ConfigError(message("--json", str(args.json), "a writable file path", "choose another --json path (checked before the benchmark runs)"))
     common: dict[str, Any] = {
         "backend": args.backend,
         "variant": args.variant,
@@ -406,9 +454,13 @@ def main(argv: list[str] | None = None) -> int:
         "torch_runs": args.torch_runs,
         "gemm": not args.no_gemm,
     }
-    if args.precision is not None and "," in args.precision:
-        report = run_comparison(args.bundle, [p.strip() for p in args.precision.split(",")], **common)
+    if (args.precision is not None and "," in args.precision) or "," in args.backend:
+        backends = [b.strip() for b in args.backend.split(",")]
+        precisions = [p.strip() for p in (args.precision or "fp32").split(",")]
+        report = run_comparison(args.bundle, precisions, backends=backends, **common)
         print("\n".join(format_report(r) for r in report["results"].values()))
+        for key, why in report["skipped"].items():
+            print(f"{key}: skipped ({why})")
     else:
         report = run_bench(args.bundle, precision=args.precision, **common)
         print(format_report(report))

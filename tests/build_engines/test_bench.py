@@ -80,25 +80,41 @@ def test_run_bench_report(run_and_bundle: tuple[Path, Path], tmp_path: Path) -> 
     assert r["machine"]["versions"]["onnxruntime"]
 
 
-def test_compare_precisions_in_one_run(run_and_bundle: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_backends_and_precisions_in_one_run(run_and_bundle: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run, bundle = run_and_bundle
     out = tmp_path / "cmp.json"
-    assert main(_quick_argv(bundle, run, out, "--precision", "fp32,int8", "--runs", "3")) == 0
+    argv = _quick_argv(bundle, run, out, "--backend", "onnxruntime,openvino", "--precision", "fp32,bf16,int8", "--runs", "3")
+    assert main(argv) == 0
     r = json.loads(out.read_text())
-    assert r["compare"] == ["fp32", "int8"] and list(r["results"]) == ["fp32", "int8"]
-    fp32, int8 = r["results"]["fp32"], r["results"]["int8"]
-    assert (fp32["config"]["variant"], int8["config"]["variant"]) == ("merged", "merged_int8")
-    assert fp32["model_flops"]["int8_conv_flops"] == 0 and int8["model_flops"]["int8_conv_flops"] > 0
-    # one baseline and one GEMM, shared: the ratios of both precisions are against the same numbers
-    assert fp32["torch_baseline"] == int8["torch_baseline"] and fp32["gemm"] == int8["gemm"]
-    for res in (fp32, int8):
-        assert res["speedup_vs_torch"]["throughput"] == pytest.approx(res["throughput_ips"] / res["torch_baseline"]["throughput_ips"])
-        assert res["fraction_of_gemm"] == pytest.approx(res["achieved_gflops"] / res["gemm"]["gflops"])
-    assert "% of conv FLOPs in INT8" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="precisions to compare"):
+    assert r["skipped"] == {"onnxruntime/bf16": "bf16 runs on OpenVINO"}
+    assert r["compare"] == list(r["results"]) == ["onnxruntime/fp32", "onnxruntime/int8", "openvino/fp32", "openvino/bf16", "openvino/int8"]
+    res = r["results"]
+    assert (res["onnxruntime/fp32"]["config"]["variant"], res["onnxruntime/int8"]["config"]["variant"]) == ("merged", "merged_int8")
+    assert [res[k]["config"]["backend"] for k in ("openvino/fp32", "openvino/bf16", "openvino/int8")] == ["openvino"] * 3
+    assert res["onnxruntime/fp32"]["model_flops"]["int8_conv_flops"] == 0 and res["openvino/int8"]["model_flops"]["int8_conv_flops"] > 0
+    # one baseline and one GEMM, shared: every pair's ratios are against the same numbers; the BF16 GEMM beside them
+    baseline, gemm = res["onnxruntime/fp32"]["torch_baseline"], res["onnxruntime/fp32"]["gemm"]
+    for one in res.values():
+        assert one["torch_baseline"] == baseline and one["gemm"] == gemm
+        assert one["speedup_vs_torch"]["throughput"] == pytest.approx(one["throughput_ips"] / baseline["throughput_ips"])
+        assert one["fraction_of_gemm"] == pytest.approx(one["achieved_gflops"] / gemm["gflops"])
+    assert r["gemm_bf16"]["dtype"] == "bfloat16" and r["gemm_bf16"]["gflops"] > 0
+    assert "onnxruntime/bf16: skipped (bf16 runs on OpenVINO)" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="to compare"):
         main([str(bundle), "--precision", "fp32,fp32"])
     with pytest.raises(ConfigError, match="precision"):
         main([str(bundle), "--precision", "fp32,int4"])
+
+
+def test_an_unwritable_report_path_is_refused_before_the_benchmark(run_and_bundle: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import build_engines.bench as bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("benchmarked although the report cannot be written"))
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    for bad in (tmp_path / "a_dir", tmp_path / "a_file" / "report.json"):
+        with pytest.raises(ConfigError, match="--json"):
+            main([str(run_and_bundle[1]), "--json", str(bad)])
 
 
 @pytest.mark.parametrize(
