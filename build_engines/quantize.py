@@ -54,7 +54,6 @@ __all__ = [
     "FolderCalibrationReader",
     "quantize_merged",
     "rank_correlation",
-    "compare_auroc",
     "main",
 ]
 
@@ -236,56 +235,12 @@ def rank_correlation(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def compare_auroc(bundle: str | Path, dataset: str | Path, *, threads: int | None = None, max_images: int | None = None) -> dict[str, Any]:
-    """Image AUROC of the bundle's FP32 ``merged`` and INT8 ``merged_int8`` variants on a test set (ONNX Runtime),
-    and two label-free fidelity figures: the rank correlation of the INT8 and FP32 image scores, and their mean
-    absolute difference relative to the FP32 scores' standard deviation.
-
-    >>> compare_auroc("bundles/line3", "/work/shared/data/ad/deeppcb")  # doctest: +SKIP
-    {'n': 300, 'fp32': 0.97, 'int8': 0.968, 'delta_points': -0.2, 'score_rank_correlation': 0.998, 'score_error_rel': 0.01}
-    """
-    from edgead import Detector
-    from edgead.datasets import image_color, open_dataset, read_image
-    from edgead.metrics import image_auroc
-
-    samples = open_dataset(dataset).test
-    if max_images is not None and len(samples) > max_images:
-        idx = np.random.default_rng(0).choice(len(samples), max_images, replace=False)
-        samples = [samples[i] for i in sorted(idx)]
-    labels = [s.label for s in samples]
-    out: dict[str, Any] = {"n": len(samples), "dataset": str(dataset)}
-    got: dict[str, list[float]] = {"fp32": [], "int8": []}
-    with (
-        Detector(bundle, backend="onnxruntime", precision="fp32", threads=threads) as d32,
-        Detector(bundle, backend="onnxruntime", precision="int8", threads=threads) as d8,
-    ):
-        for s in samples:  # each image read and prepared once, scored by both
-            frame = read_image(s.path)
-            for precision, det in (("fp32", d32), ("int8", d8)):
-                got[precision].append(det.infer(frame, color=image_color(frame), map_size="model").score)
-    for precision, values in got.items():
-        out[precision] = float(image_auroc(labels, values))
-    f32, i8 = np.asarray(got["fp32"]), np.asarray(got["int8"])
-    out["delta_points"] = 100.0 * (out["int8"] - out["fp32"])
-    # fidelity, independent of the labels: how closely INT8 reproduces the FP32 scores
-    out["score_rank_correlation"] = rank_correlation(f32, i8)
-    out["score_error_rel"] = float(np.mean(np.abs(i8 - f32)) / max(float(np.std(f32)), 1e-12))
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``python -m build_engines.quantize BUNDLE DATASET [--threads N] [--max-images N]``: FP32 vs INT8 image AUROC."""
-    import argparse
-    import json
+    """``python -m build_engines.quantize BUNDLE DATASET``: FP32 vs INT8 (ONNX Runtime) on a test set (``edgead fidelity``)."""
+    from .fidelity import main as fidelity
 
-    parser = argparse.ArgumentParser(prog="python -m build_engines.quantize", description="image AUROC of the FP32 and INT8 variants of a bundle")
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("dataset", type=Path, help="MVTec-layout dataset (its test split is used)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--max-images", type=int, default=None)
-    args = parser.parse_args(argv)
-    print(json.dumps(compare_auroc(args.bundle, args.dataset, threads=args.threads, max_images=args.max_images), indent=2))
-    return 0
+    args = list(argv or [])
+    return fidelity([*args[:2], "--candidate", "onnxruntime/int8", *args[2:]])
 
 
 if __name__ == "__main__":

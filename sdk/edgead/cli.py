@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("build_engines.probe", "feature probe: PatchCore-style image AUROC of a feature extractor, no training"),
     "eval": ("build_engines.evaluate", "evaluate a run on a test set: AUROC, AU-PRO, F1-max, overlays"),
     "export": ("build_engines.export", "export a run to a bundle (simplified ONNX + manifest)"),
+    "fidelity": ("build_engines.fidelity", "how faithfully bf16/int8 reproduce fp32 on a data set; --record lets auto use them"),
     "build": ("build_engines.trt_build", "compile a TensorRT engine into a bundle (needs TensorRT)"),
     "bench": ("build_engines.bench", "latency / throughput benchmark of a bundle (JSON output)"),
     "doctor": ("edgead.doctor", "what this machine can run and why: ONNX Runtime, CUDA driver/runtime, GPUs, TensorRT, kernels, a bundle's engines"),

@@ -175,15 +175,28 @@ def test_calibration_errors(tmp_path: Path, setup: dict[str, Path]) -> None:
         export_bundle(setup["run"], tmp_path / "b", variants=("merged",), int8_calibration="train")
 
 
-def test_compare_auroc_on_a_generated_set(setup: dict[str, Path], tmp_path: Path) -> None:
-    from build_engines.quantize import compare_auroc
+def test_fidelity_compares_and_records_only_what_meets_the_goals(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import shutil
+
+    from build_engines.fidelity import compare_precisions, main
     from build_engines.synthetic import generate
+    from edgead.bundle import load_bundle
 
     data = generate(tmp_path / "data", n_train=1, n_test_good=3, n_test_defect=3, size=SIZE, seed=0)
-    r = compare_auroc(setup["bundle"], data, threads=1)
-    assert r["n"] >= 6 and 0.0 <= r["fp32"] <= 1.0 and 0.0 <= r["int8"] <= 1.0
-    assert r["delta_points"] == pytest.approx(100 * (r["int8"] - r["fp32"]))
-    assert 0.9 < r["score_rank_correlation"] <= 1.0 and 0.0 < r["score_error_rel"] < 0.1
+    r = compare_precisions(setup["bundle"], data, [("onnxruntime", "int8"), ("openvino", "fp32")], threads=1)
+    int8, ov32 = r["candidates"]["onnxruntime/int8"], r["candidates"]["openvino/fp32"]
+    assert r["n"] >= 6 and 0.0 <= r["reference"]["auroc"] <= 1.0 and 0.0 <= int8["auroc"] <= 1.0
+    assert int8["delta_points"] == pytest.approx(100 * (int8["auroc"] - r["reference"]["auroc"]))
+    assert 0.9 < int8["score_rank_correlation"] <= 1.0 and 0.0 < int8["score_error_rel"] < 0.1
+    assert ov32["score_rank_correlation"] == pytest.approx(1.0) and ov32["score_error_rel"] < 1e-3 and ov32["meets_goals"]
+    bundle = tmp_path / "b"
+    shutil.copytree(setup["bundle"], bundle)
+    out = tmp_path / "fid.json"
+    assert main([str(bundle), str(data), "--candidate", "openvino/int8", "--record", "--json", str(out), "--threads", "1"]) == 0
+    rep = json.loads(out.read_text())
+    meets = rep["candidates"]["openvino/int8"]["meets_goals"]
+    assert ("int8" in load_bundle(bundle).manifest.cpu_precisions) == meets == (rep["recorded"] == ["int8"])
 
 
 def test_rank_correlation_matches_scipy_with_ties() -> None:
