@@ -52,7 +52,7 @@ from edgead.tiling import Tiling
 
 from ..calibrate import QA, QB, calibrate, parse_threshold_method
 from ..devices import DEVICES, resolve_device
-from .models import EfficientAD, check_image_size, pdn
+from .models import EfficientAD, check_image_size, feature_size, pdn
 from .run import CONFIG_FILE, save_calibration, save_model
 
 __all__ = ["TrainConfig", "PRESETS", "StepLosses", "hard_feature_loss", "color_jitter", "step_losses", "learning_rate", "train", "main"]
@@ -69,6 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"image_size": 128, "steps": 200, "batch_size": 1, "lr": 1e-3, "checkpoint_every": 50, "log_every": 10},
 }
 _QUANTILE_LIMIT = 16_000_000  # torch.quantile refuses larger inputs
+STATS_IMAGES = 256  # teacher channel statistics from at most this many training images when the outputs are not cached
 
 
 @dataclass
@@ -356,18 +357,27 @@ def _log(out: Path, record: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def _teacher_raw(model: EfficientAD, images: np.ndarray, device: torch.device, batch: int = 8) -> torch.Tensor:
+    """Teacher outputs (fp32 compute, kept as fp16 to halve the memory) of prepared images."""
     outs = []
     for i in range(0, len(images), batch):
-        x = torch.from_numpy(images[i : i + batch]).to(device)
-        outs.append(model.teacher(x).float().cpu())
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(device)
+        outs.append(model.teacher(x).half().cpu())
     return torch.cat(outs)
 
 
 def _channel_stats(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel mean and std over all training images and positions (reference: mean of per-image means)."""
-    mean = raw.mean(dim=(0, 2, 3), keepdim=True)
-    var = ((raw - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
-    return mean, var.clamp_min(1e-12).sqrt()
+    """Channel mean and std over all training images and positions (reference: mean of per-image means),
+    accumulated in float64 per image (the outputs are kept in fp16)."""
+    total = torch.zeros(raw.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for r in raw:
+        r64 = r.double()
+        total += r64.sum((1, 2))
+        total_sq += (r64 * r64).sum((1, 2))
+    count = raw.shape[0] * raw.shape[2] * raw.shape[3]
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(1e-12)
+    return mean.float().view(1, -1, 1, 1), var.sqrt().float().view(1, -1, 1, 1)
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
@@ -432,15 +442,18 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     log.info("loading %d training / %d validation images from %s", len(train_paths), len(val_paths), cfg.data)
     images, _ = _prepare_paths(train_paths, cfg)
     model.teacher.eval()
-    raw = _teacher_raw(model, images, device)
     buf_mean, buf_std = model.get_buffer("teacher_mean"), model.get_buffer("teacher_std")
+    fs = feature_size(cfg.image_size, model.padding)
+    fits = len(images) * model.out_channels * fs * fs * 2 <= cfg.cache_mb * 2**20
+    # the teacher is frozen: its outputs on the non-augmented training images are computed once (fp16) when they
+    # fit in --cache-mb; its channel statistics come from those, or from a seeded subsample of STATS_IMAGES
+    stats_idx = np.arange(len(images)) if fits or len(images) <= STATS_IMAGES else np.sort(np.random.default_rng(cfg.seed).choice(len(images), STATS_IMAGES, replace=False))
+    raw = _teacher_raw(model, images[stats_idx], device)
     if not resume:
         t_mean, t_std = _channel_stats(raw)
         buf_mean.copy_(t_mean.to(device))
         buf_std.copy_(t_std.to(device))
-    # cached normalised teacher outputs of the (non-augmented) training images
-    cache_bytes = raw.numel() * 4 + images.nbytes
-    cached_teacher = ((raw.to(device) - buf_mean) / buf_std).half() if cache_bytes <= cfg.cache_mb * 2**20 else None
+    cached_teacher = ((raw.to(device) - buf_mean) / buf_std).half() if fits else None
     del raw
     images_t = torch.from_numpy(images)
     mean_t = torch.tensor(cfg.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
