@@ -34,6 +34,7 @@ __all__ = [
     "EfficientNetLite",
     "WideResNet101_2",
     "PatchFeatures",
+    "StageGrid",
     "DEFAULT_STAGES",
     "parse_stages",
     "lite0_package_weights",
@@ -324,6 +325,44 @@ def parse_stages(text: str) -> tuple[int, ...]:
     if not stages or list(stages) != sorted(set(stages)) or stages[0] < 1:
         raise ConfigError(message("backbone stages", repr(text), "increasing stage numbers such as '3,4,5'", "pass --stages 3,4,5"))
     return stages
+
+
+class StageGrid(nn.Module):
+    """Several backbone stages brought to one grid and concatenated (UniAD's multi-scale feature concatenation):
+    (N, 3, S, S) ImageNet-normalised -> (N, sum of stage channels, S/stride, S/stride).
+
+    Finer stages are average-pooled down to the grid (an exact, exportable anti-aliased resize for integer
+    ratios), coarser ones bilinearly upsampled. The reference uses EfficientNet-B4 stages 1-4 at stride 16
+    (14 x 14 at 224 px, 272 channels); here the offline Lite0/1/2 weights.
+
+    >>> g = StageGrid(load_backbone("efficientnet-lite0"), stages=(2, 3, 4, 5), stride=16).eval()
+    >>> g(torch.zeros(1, 3, 224, 224)).shape, g.channels
+    (torch.Size([1, 256, 14, 14]), 256)
+    """
+
+    def __init__(self, backbone: nn.Module, stages: tuple[int, ...] = (2, 3, 4, 5), stride: int = 16) -> None:
+        super().__init__()
+        if not isinstance(backbone, EfficientNetLite):
+            raise ConfigError(message("backbone", type(backbone).__name__, "an EfficientNetLite", "build it with load_backbone('efficientnet-lite0')"))
+        if not stages or stages[-1] > len(backbone.stage_ends) or list(stages) != sorted(set(stages)):
+            raise ConfigError(message("backbone stages", stages, f"increasing stages in 1..{len(backbone.stage_ends)}", "pass e.g. 2,3,4,5"))
+        self.backbone, self.stages, self.stride = backbone, tuple(stages), int(stride)
+        self.strides = tuple(backbone.stage_strides[s - 1] for s in self.stages)
+        self.channels = sum(backbone.stage_channels[s - 1] for s in self.stages)
+        for s in self.strides:
+            if s < self.stride and self.stride % s:
+                raise ConfigError(message("grid stride", self.stride, f"a multiple of every finer stage's stride {self.strides}", "use 16"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = (x.shape[-2] // self.stride, x.shape[-1] // self.stride)
+        parts = []
+        for f, s in zip(self.backbone.stage_outputs(x, self.stages), self.strides, strict=True):
+            if s < self.stride:
+                f = F.avg_pool2d(f, self.stride // s)
+            if f.shape[-2:] != grid:
+                f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+            parts.append(f)
+        return torch.cat(parts, 1)
 
 
 class PatchFeatures(nn.Module):

@@ -16,6 +16,8 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +122,11 @@ def evaluate_run(
     overlays: str | Path | None = None,
     n_overlays: int = 4,
     pixel_metrics: bool = True,
+    product: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``run_dir`` on the test split of ``data``; return the metrics dict (see module doc).
+
+    A UniAD run (several products) is evaluated as the product ``product`` (default: the data folder's name).
 
     >>> r = evaluate_run("runs/line3", "data/line3")  # doctest: +SKIP
     >>> sorted(r)[:3]  # doctest: +SKIP
@@ -131,13 +136,8 @@ def evaluate_run(
         raise ConfigError(message("batch_size", batch_size, "an integer >= 1", "pass --batch-size 8"))
     dev = str(resolve_device(device))
     t0 = time.perf_counter()
-    run = load_run(run_dir)
-    model = run.model.to(dev).eval()
-    post = run.post
-    tiling = run.tiling
-    mean = tuple(run.config.get("mean", IMAGENET_MEAN))
-    std = tuple(run.config.get("std", IMAGENET_STD))
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
+    run = _predictor(Path(run_dir), dataset, dev, product)
     samples: list[Sample] = list(dataset.test)
     if not samples:
         raise DataError(message("test set", f"no test images in {dataset.root}", "test/good and test/<defect> images", "point --data to a dataset with a test split"))
@@ -152,7 +152,7 @@ def evaluate_run(
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         frames = [read_image(s.path) for s in chunk]
-        m, sc = predict(model, post, frames, mean=mean, std=std, device=dev, tiling=tiling)
+        m, sc = run.predict(frames)
         scores[start : start + len(chunk)] = sc
         for i, (sample, frame) in enumerate(zip(chunk, frames, strict=True)):
             small_maps.append(m[i])
@@ -162,13 +162,15 @@ def evaluate_run(
         bar.update(len(chunk))
     bar.close()
     labels = np.array([s.label for s in samples], np.int64)
-    threshold = float(run.calibration.threshold)
+    threshold = float(run.threshold)
     result: dict[str, Any] = {
-        "run_dir": str(run.run_dir),
+        "run_dir": str(run_dir),
         "data": str(dataset.root),
+        "family": run.family,
+        "product": run.product,
         "counts": {"total": len(samples), "good": int((labels == 0).sum()), "defect": int((labels == 1).sum())},
         "threshold": threshold,
-        "threshold_method": run.calibration.threshold_method,
+        "threshold_method": run.threshold_method,
         "pixel_metrics": bool(use_pixels),
     }
     overall = _group_metrics(labels, scores, masks if use_pixels else None, maps if use_pixels else None, threshold)
@@ -180,8 +182,8 @@ def evaluate_run(
     else:
         result["f1_max"], result["f1_max_threshold"] = None, None
     result["operating_point"] = operating_point(labels, scores, threshold)
-    if run.calibration.validation_scores:
-        result["threshold_rules"] = compare_threshold_rules(run.calibration.validation_scores, labels, scores)
+    if run.validation_scores:
+        result["threshold_rules"] = compare_threshold_rules(run.validation_scores, labels, scores)
     per_defect: dict[str, Any] = {}
     good_idx = np.flatnonzero(labels == 0)
     for defect in sorted({s.defect for s in samples if s.label == 1}):
@@ -200,6 +202,36 @@ def evaluate_run(
         result["overlays"] = _write_overlays(Path(overlays), samples, labels, scores, small_maps, threshold, n_overlays, dataset.has_masks)
     result["wall_s"] = round(time.perf_counter() - t0, 2)
     return result
+
+
+@dataclass
+class _Predictor:
+    """What the evaluation needs of a run, whatever its family: frames -> (maps, scores) as the runtime computes them."""
+
+    family: str
+    product: str | None
+    predict: Callable[[list[np.ndarray]], tuple[list[np.ndarray], np.ndarray]]
+    threshold: float
+    threshold_method: str
+    validation_scores: list[float]
+
+
+def _predictor(run_dir: Path, dataset: Dataset, device: str, product: str | None) -> _Predictor:
+    from .export import _run_family
+
+    if _run_family(run_dir) == "uniad":
+        from .uniad.evaluate import uniad_predictor
+
+        return _Predictor("uniad", *uniad_predictor(run_dir, product or dataset.root.name))
+    run = load_run(run_dir)
+    model = run.model.to(device).eval()
+    mean, std = tuple(run.config.get("mean", IMAGENET_MEAN)), tuple(run.config.get("std", IMAGENET_STD))
+
+    def predict_frames(frames: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        return predict(model, run.post, frames, mean=mean, std=std, device=device, tiling=run.tiling)
+
+    cal = run.calibration
+    return _Predictor("efficientad", None, predict_frames, float(cal.threshold), cal.threshold_method, list(cal.validation_scores))
 
 
 RULES = ("max", "quantile:0.999", "quantile:0.99", "quantile:0.95", "sigma:3", "sigma:4", "sigma:5")
@@ -300,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-pixel-metrics", action="store_true", help="image metrics only (faster, less memory)")
+    p.add_argument("--product", default=None, help="UniAD run: the product this data set shows (default: the data folder's name)")
     args = p.parse_args(argv)
-    result = evaluate_run(args.run_dir, args.data, device=args.device, batch_size=args.batch_size, overlays=args.overlays, pixel_metrics=not args.no_pixel_metrics)
+    result = evaluate_run(args.run_dir, args.data, device=args.device, batch_size=args.batch_size, overlays=args.overlays, pixel_metrics=not args.no_pixel_metrics,
+                          product=args.product)
     print(format_table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

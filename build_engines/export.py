@@ -199,7 +199,10 @@ def simplify_onnx(path: Path, out_path: Path | None = None) -> Path:
     t0 = time.perf_counter()
     model = onnx.load(str(path))
     before = len(model.graph.node)
-    simplified, ok = simplify(model)
+    # onnxoptimizer's fuse_pad_into_conv mis-fuses the asymmetric TensorFlow-"SAME" pads of strided depthwise
+    # convolutions (EfficientNet-Lite in UniAD): 0.2 relative error after simplification, although its
+    # self-check passes. Skipped for every graph; export tests compare the simplified graph with PyTorch.
+    simplified, ok = simplify(model, skipped_optimizers=["fuse_pad_into_conv"])
     if not ok:
         raise DataError(message("onnxsim", f"{path}: simplified graph failed its self-check", "a graph equal to the original", "export without simplification and report the bug"))
     dims = simplified.graph.input[0].type.tensor_type.shape.dim
@@ -232,6 +235,16 @@ def _check_variants(variants: Sequence[str]) -> tuple[str, ...]:
     return out
 
 
+def _run_family(run_dir: str | Path) -> str:
+    import json
+
+    config = Path(run_dir) / "config.json"
+    try:
+        return str(json.loads(config.read_text()).get("family", "efficientad"))
+    except (OSError, ValueError):
+        return "efficientad"  # load_run reports what is missing
+
+
 def export_bundle(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -260,6 +273,10 @@ def export_bundle(
     variants = _check_variants(variants)
     _check_opset(opset)
     out_dir = check_bundle_target(out_dir, overwrite)  # before any work: a file, a non-bundle folder, engines that would be lost
+    if _run_family(run_dir) == "uniad":
+        from build_engines.uniad.export import export_uniad_bundle
+
+        return export_uniad_bundle(run_dir, out_dir, opset=opset, overwrite=overwrite)
     run = load_run(run_dir)
     model = run.model.eval()
     post = run.post

@@ -51,6 +51,7 @@ __all__ = [
     "InputSpec",
     "VariantSpec",
     "PostprocessSpec",
+    "ClassSpec",
     "ThresholdSpec",
     "Producer",
     "FileEntry",
@@ -230,7 +231,11 @@ class VariantSpec:
 
 @dataclass(frozen=True)
 class PostprocessSpec:
-    """Quantile constants of both maps, the map padding and the merge weights (local, global)."""
+    """EfficientAD: quantile constants of both maps, the map padding and the merge weights (local, global).
+
+    ``kind="feature_distance"`` (UniAD, GRAD): the graph outputs the raw feature-distance map and score; the
+    normalisation is per product (``Manifest.classes``), so only the padding (0) is stored here.
+    """
 
     qa_st: float
     qb_st: float
@@ -238,17 +243,29 @@ class PostprocessSpec:
     qb_ae: float
     pad: int
     weights: tuple[float, float] = (0.5, 0.5)
+    kind: str = "efficientad"
 
     @property
     def post(self) -> EfficientADPost:
         return EfficientADPost(QuantileAffine(self.qa_st, self.qb_st), QuantileAffine(self.qa_ae, self.qb_ae), self.pad)
 
     def to_dict(self) -> dict[str, Any]:
+        if self.kind == "feature_distance":
+            return {"kind": self.kind, "pad": self.pad}
         return {"qa_st": self.qa_st, "qb_st": self.qb_st, "qa_ae": self.qa_ae, "qb_ae": self.qb_ae, "pad": self.pad, "weights": list(self.weights)}
+
+    @classmethod
+    def feature_distance(cls) -> PostprocessSpec:
+        return cls(0.0, 1.0, 0.0, 1.0, 0, kind="feature_distance")  # the affine constants are unused: per product in classes
 
     @classmethod
     def from_dict(cls, d: object) -> PostprocessSpec:
         d = _obj(d, "postprocess")
+        if d.get("kind") == "feature_distance":
+            _keys(d, "postprocess", ("kind", "pad"))
+            if _int(d["pad"], "postprocess.pad") != 0:
+                raise _err("postprocess.pad", d["pad"], "0 (a feature-distance map covers the whole image)")
+            return cls.feature_distance()
         _keys(d, "postprocess", ("qa_st", "qb_st", "qa_ae", "qb_ae", "pad"), ("weights",))
         w = d.get("weights", [0.5, 0.5])
         if not isinstance(w, (list, tuple)) or [_float(x, "postprocess.weights") for x in w] != [0.5, 0.5]:
@@ -259,6 +276,34 @@ class PostprocessSpec:
             spec.post  # noqa: B018 - validates qb > qa
         except ConfigError as exc:
             raise _err("postprocess constants", str(exc), "qb > qa for both maps and a pad in range", "re-run calibration, then re-export") from exc
+        return spec
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """Calibration of one product of a multi-product bundle: the affine of its raw maps (qa -> 0, qb -> 0.1)
+    and its image threshold on the normalised score, all from that product's held-out good images."""
+
+    qa: float
+    qb: float
+    threshold: float
+    method: str
+
+    @property
+    def affine(self) -> QuantileAffine:
+        return QuantileAffine(self.qa, self.qb)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"qa": self.qa, "qb": self.qb, "threshold": self.threshold, "method": self.method}
+
+    @classmethod
+    def from_dict(cls, d: object, name: str) -> ClassSpec:
+        d = _obj(d, f"classes.{name}")
+        _keys(d, f"classes.{name}", ("qa", "qb", "threshold", "method"))
+        spec = cls(_float(d["qa"], f"classes.{name}.qa"), _float(d["qb"], f"classes.{name}.qb"), _float(d["threshold"], f"classes.{name}.threshold"),
+                   _str(d["method"], f"classes.{name}.method"))
+        if not spec.qb > spec.qa:
+            raise _err(f"classes.{name}", f"qa={spec.qa}, qb={spec.qb}", "qb > qa", "re-run calibration, then re-export")
         return spec
 
 
@@ -427,6 +472,8 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     # lower CPU precisions backend="auto" may use, each with the measured fidelity that allowed it (allow_precision)
     cpu_precisions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # products of a multi-product bundle (UniAD), each with its own calibration; empty: one product (threshold above)
+    classes: dict[str, ClassSpec] = field(default_factory=dict)
 
     @property
     def post(self) -> EfficientADPost:
@@ -445,6 +492,7 @@ class Manifest:
             "engines": [e.to_dict() for e in self.engines],
             "producer": self.producer.to_dict(),
             **({"cpu_precisions": self.cpu_precisions} if self.cpu_precisions else {}),
+            **({"classes": {k: v.to_dict() for k, v in self.classes.items()}} if self.classes else {}),
         }
 
     @classmethod
@@ -459,7 +507,7 @@ class Manifest:
             )
         if version != SCHEMA_VERSION:
             raise _err("schema_version", repr(version), f"{SCHEMA_VERSION}")
-        _keys(d, "manifest", ("schema_version", "family", "size", "input", "variants", "postprocess", "threshold", "producer"), ("files", "engines", "cpu_precisions"))
+        _keys(d, "manifest", ("schema_version", "family", "size", "input", "variants", "postprocess", "threshold", "producer"), ("files", "engines", "cpu_precisions", "classes"))
         family = _str(d["family"], "family")
         if family not in FAMILIES:
             raise _err(
@@ -496,17 +544,22 @@ class Manifest:
             if name not in CPU_AUTO_PRECISIONS:
                 raise _err("cpu_precisions", repr(name), f"one of {list(CPU_AUTO_PRECISIONS)}")
             _obj(evidence, f"cpu_precisions.{name}")
+        classes = {_str(k, "classes"): ClassSpec.from_dict(v, k) for k, v in _obj(d.get("classes", {}), "classes").items()}
+        postprocess = PostprocessSpec.from_dict(d["postprocess"])
+        if (postprocess.kind == "feature_distance") != bool(classes):
+            raise _err("classes", sorted(classes), "per-product calibration exactly for feature-distance bundles (UniAD)", _FIX_REEXPORT)
         m = cls(
             family,
             size,
             InputSpec.from_dict(d["input"]),
             variants,
-            PostprocessSpec.from_dict(d["postprocess"]),
+            postprocess,
             ThresholdSpec.from_dict(d["threshold"]),
             Producer.from_dict(d["producer"]),
             files,
             engines,
             cpu_precisions=dict(cpu_precisions),
+            classes=classes,
         )
         return m
 

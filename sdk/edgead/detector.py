@@ -92,6 +92,8 @@ class Detector:
         allow_onnx_fallback: with ``backend="tensorrt"``, run the ONNX model with ONNX Runtime (WARNING logged)
             instead of refusing when no engine matches this GPU / TensorRT version.
         cuda_graph: replay TensorRT runs as CUDA graphs (per batch size).
+        product: the product a multi-product bundle (UniAD) inspects by default; ``infer(..., product=)`` overrides it.
+            With one product (or an EfficientAD bundle) it is implied.
         on_nonfinite: what a NaN/inf score or map becomes: ``"ng"`` (default: decided NG, counted in
             ``nonfinite_count``, WARNING logged; a broken engine never passes a part) or ``"raise"`` (BackendError).
 
@@ -113,6 +115,7 @@ class Detector:
         allow_onnx_fallback: bool = False,
         cuda_graph: bool = False,
         on_nonfinite: str = "ng",
+        product: str | None = None,
     ) -> None:
         self._on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("ng", "raise"))
         self._nonfinite = 0
@@ -121,6 +124,7 @@ class Detector:
         self._owns_bundle = not isinstance(bundle, Bundle)  # then close() removes a .tar's temporary extraction
         self._bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         try:
+            self._product = self._check_product(product) if product is not None else None
             self._setup(backend, threshold, device, threads, variant, precision, allow_onnx_fallback, cuda_graph)
         except BaseException:
             if self._owns_bundle:  # a refused option must not leave a .tar's extraction behind
@@ -148,6 +152,7 @@ class Detector:
             raise ConfigError(message("device", repr(device), "a GPU index >= 0", "pass device=0"))
         device = int(device)
         threads = check_threads(threads)
+        self._user_threshold = None if threshold is None else self._check_threshold(threshold)
         self._threshold = self._check_threshold(manifest.threshold.value if threshold is None else threshold)
         self._post = manifest.post
         self._lock = threading.Lock()
@@ -326,15 +331,35 @@ class Detector:
         return self._backend.max_batch or _DEFAULT_CHUNK
 
     # ------------------------------------------------------------------ inference
-    def infer(self, frame: np.ndarray, color: str = "bgr", map_size: str | tuple[int, int] = "frame") -> Result:
+    @property
+    def products(self) -> tuple[str, ...]:
+        """The products of a multi-product bundle (empty for a one-product bundle)."""
+        return tuple(self._bundle.manifest.classes)
+
+    def _check_product(self, product: str | None) -> str | None:
+        """The product to calibrate with: required (and checked) for a bundle of several products."""
+        classes = self._bundle.manifest.classes
+        if not classes:
+            if product is not None:
+                raise ConfigError(message("product", repr(product), "no product (this bundle has one product)", "drop product="))
+            return None
+        if product is None:
+            product = self._product if getattr(self, "_product", None) else (next(iter(classes)) if len(classes) == 1 else None)
+        if product is None:
+            raise ConfigError(message("product", "none", f"one of {', '.join(classes)} (this bundle inspects several products)", "pass product='...' to Detector or infer"))
+        return check_choice("product", product, tuple(classes))
+
+    def infer(self, frame: np.ndarray, color: str = "bgr", map_size: str | tuple[int, int] = "frame", product: str | None = None) -> Result:
         """Score one frame (HxW or HxWxC uint8/uint16; ``color`` says the channel order).
 
         >>> det.infer(np.zeros((480, 640, 3), np.uint8)).anomaly_map.shape  # doctest: +SKIP
         (480, 640)
         """
-        return self._infer_chunk([frame], color, _check_map_size(map_size))[0]
+        return self._infer_chunk([frame], color, _check_map_size(map_size), self._check_product(product))[0]
 
-    def infer_batch(self, frames: Sequence[np.ndarray], color: str = "bgr", map_size: str | tuple[int, int] = "frame") -> list[Result]:
+    def infer_batch(
+        self, frames: Sequence[np.ndarray], color: str = "bgr", map_size: str | tuple[int, int] = "frame", product: str | None = None
+    ) -> list[Result]:
         """Score several frames (any sizes), run in chunks of at most ``max_batch`` frames.
 
         >>> [r.decision for r in det.infer_batch([f1, f2])]  # doctest: +SKIP
@@ -348,13 +373,14 @@ class Detector:
             raise InputError(message("frames", "an empty sequence", "at least one frame", "pass a non-empty list of frames"))
         size = _check_map_size(map_size)
         color = check_choice("color", color, COLORS)
+        which = self._check_product(product)
         results: list[Result] = []
         step = self.max_batch
         for i in range(0, len(frames), step):
-            results += self._infer_chunk(list(frames[i : i + step]), color, size)
+            results += self._infer_chunk(list(frames[i : i + step]), color, size, which)
         return results
 
-    def _infer_chunk(self, frames: list[np.ndarray], color: str, map_size: str | tuple[int, int]) -> list[Result]:
+    def _infer_chunk(self, frames: list[np.ndarray], color: str, map_size: str | tuple[int, int], product: str | None = None) -> list[Result]:
         t0 = time.perf_counter()
         spec = self._bundle.manifest.input
         tiling = spec.tiling
@@ -375,6 +401,12 @@ class Detector:
                 infer_ms += ms
         t2 = time.perf_counter()
         tile_maps, tile_scores = np.concatenate(maps_parts), np.concatenate(score_parts)
+        threshold = self._threshold
+        if product is not None:  # a product's calibration: its affine on the raw maps and scores, its threshold
+            calibration = self._bundle.manifest.classes[product]
+            tile_maps = calibration.affine.apply(tile_maps.astype(np.float64)).astype(np.float32)
+            tile_scores = calibration.affine.apply(tile_scores.astype(np.float64)).astype(np.float32)
+            threshold = calibration.threshold if self._user_threshold is None else self._user_threshold
         n = len(frames)
         results = []
         resized, scores = [], []
@@ -411,7 +443,7 @@ class Detector:
                     )
                 log.warning("non-finite model output (score %s): decided NG (%d so far)", score, self._nonfinite)
             # fail safe: anything but a finite score at or below the threshold is NG
-            results.append(Result(score, m, not (finite and score <= self._threshold), self._threshold, dict(timings), finite))
+            results.append(Result(score, m, not (finite and score <= threshold), threshold, dict(timings), finite))
         return results
 
     def _maps_and_scores(self, outputs: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,7 @@ class FamilySpec:
 
 FAMILIES: dict[str, FamilySpec] = {
     "efficientad": FamilySpec("efficientad", ("s", "m"), True),
-    "uniad": FamilySpec("uniad", ("base",), False),
+    "uniad": FamilySpec("uniad", ("base",), True),
     "grad": FamilySpec("grad", ("base",), False),
 }
 

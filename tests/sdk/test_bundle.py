@@ -309,7 +309,7 @@ def test_unknown_family(bundle: Path) -> None:
 
 
 def test_planned_family(bundle: Path) -> None:
-    edit_manifest(bundle, lambda d: d.update(family="uniad", size="base"))
+    edit_manifest(bundle, lambda d: d.update(family="grad", size="base"))
     refused(bundle, "planned", "upgrade edgead")
 
 

@@ -1,0 +1,139 @@
+"""UniAD: the neighbour mask, jitter only in training, per-product calibration, export parity and the op check,
+and the whole CLI path (train on two products -> eval -> export -> Detector with product=) on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from build_engines.onnx_ops import unsupported_ops
+from build_engines.synthetic import generate
+from build_engines.uniad.model import MASKED, UniAD, anomaly_map, feature_jitter, image_score, neighbour_mask
+from edgead import Detector
+from edgead.errors import BundleError, ConfigError
+
+torch.set_num_threads(1)
+
+
+def test_a_token_never_attends_to_its_own_7x7_neighbourhood() -> None:
+    h, w = 14, 14
+    mask = neighbour_mask((h, w), 7)
+    assert mask.shape == (h * w, h * w)
+    for qy, qx in ((0, 0), (7, 7), (13, 5)):
+        row = mask[qy * w + qx].reshape(h, w)
+        for ky in range(h):
+            for kx in range(w):
+                blocked = abs(ky - qy) <= 3 and abs(kx - qx) <= 3
+                assert (row[ky, kx] == MASKED) == blocked, (qy, qx, ky, kx)
+    assert torch.equal(mask, mask.T)  # symmetric neighbourhoods
+    with pytest.raises(ConfigError, match="odd"):
+        neighbour_mask((4, 4), 4)
+
+
+def test_masked_attention_ignores_the_neighbourhood() -> None:
+    """Changing the keys and values inside a token's neighbourhood (itself included) leaves what it attends to
+    unchanged: what the mask promises, checked on the module, not on the mask tensor."""
+    m = UniAD(8, (6, 6), hidden=8, heads=2, layers=(1, 0), ffn=8, neighbourhood=3, jitter_prob=0.0).eval()
+    attn = m.encoder[0].attn
+    x = torch.randn(1, 36, 8)
+    y = x.clone()
+    y[0, [0, 1, 6, 7]] += 5.0  # the 3x3 neighbourhood of token (0, 0) inside the grid
+    with torch.no_grad():
+        a, b = attn(x, x, x, m.mask), attn(x, y, y, m.mask)  # same queries, other neighbour keys/values
+    torch.testing.assert_close(a[0, 0], b[0, 0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[0, 14], b[0, 14])  # a far token sees the change
+
+
+def test_jitter_only_in_training_and_scaled_by_the_token_norm() -> None:
+    m = UniAD(8, (4, 4), hidden=8, heads=2, layers=(1, 1), ffn=8, neighbourhood=3)
+    x = torch.randn(2, 8, 4, 4)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m(x))  # eval: deterministic, no jitter, no dropout
+    tokens = torch.ones(1, 5, 4) * 2.0  # norm 4, C 4: noise std = 20 * 4 / 4 = 20
+    noisy = feature_jitter(tokens, 20.0, 1.0, torch.Generator().manual_seed(0))
+    assert 10 < float((noisy - tokens).std()) < 30
+    assert torch.equal(feature_jitter(tokens, 20.0, 0.0), tokens)
+
+
+def test_map_and_score_follow_the_reference_protocol() -> None:
+    f = torch.zeros(1, 3, 2, 2)
+    r = f.clone()
+    r[0, :, 1, 1] = 2.0  # distance sqrt(3 * 4)
+    amap = anomaly_map(f, r)
+    assert amap.shape == (1, 1, 2, 2) and float(amap[0, 0, 1, 1]) == pytest.approx(12**0.5)
+    assert float(image_score(amap, 32, pool=1)) == pytest.approx(12**0.5)
+    assert float(image_score(amap, 32, pool=16)) < 12**0.5  # the average pool smooths a single hot token
+
+
+@pytest.fixture(scope="module")
+def products(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("uni")
+    return [generate(root / name, n_train=12, n_test_good=2, n_test_defect=1, size=128, seed=s) for name, s in (("screws", 1), ("tiles", 2))]
+
+
+@pytest.fixture(scope="module")
+def run(products: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from edgead.cli import main as cli
+
+    out = tmp_path_factory.mktemp("runs") / "unified"
+    argv = ["train", "--family", "uniad", "--data", *map(str, products), "--out", str(out), "--steps", "6", "--image-size", "128", "--hidden", "32", "--layers", "1"]
+    assert cli(argv) == 0
+    return out
+
+
+def test_cli_path_train_eval_export_detector(run: Path, products: list[Path], tmp_path: Path) -> None:
+    from build_engines.evaluate import evaluate_run
+    from build_engines.export import export_bundle
+
+    cal = json.loads((run / "calibration.json").read_text())
+    assert sorted(cal) == ["screws", "tiles"] and all(c["qb"] > c["qa"] for c in cal.values())
+    result = evaluate_run(run, products[0], device="cpu", pixel_metrics=True)
+    assert result["family"] == "uniad" and result["product"] == "screws" and 0 <= result["image_auroc"] <= 1 and 0 <= result["pixel_auroc"] <= 1
+    bundle = export_bundle(run, tmp_path / "bundle")
+    model = onnx.load(str(bundle / "model_merged.onnx"))
+    assert unsupported_ops(model) == []  # TensorRT 10 parses every node
+    assert not {n.op_type for n in model.graph.node} & {"If", "Loop", "Scan", "NonZero"}  # no data-dependent control flow
+    masks = [i for i in model.graph.initializer if list(i.dims) == [64, 64]]
+    assert masks and np.any(onnx.numpy_helper.to_array(masks[0]) == MASKED)  # the mask is a constant of the graph
+    frame = np.random.default_rng(0).integers(0, 256, (90, 110, 3), dtype=np.uint8)
+    with Detector(bundle, backend="onnxruntime", threads=1) as det:
+        assert det.products == ("screws", "tiles")
+        with pytest.raises(ConfigError, match="several products"):
+            det.infer(frame)
+        with pytest.raises(ConfigError, match="product"):
+            det.infer(frame, product="bolts")
+        a, b = det.infer(frame, product="screws"), det.infer(frame, product="tiles")
+        assert a.anomaly_map.shape == (90, 110) and a.threshold == pytest.approx(cal["screws"]["threshold"]) and b.threshold == pytest.approx(cal["tiles"]["threshold"])
+    # the bundle and the torch evaluation agree on a product's scores
+    from build_engines.uniad.evaluate import uniad_predictor
+
+    _, predict, *_ = uniad_predictor(run, "tiles")
+    np.testing.assert_allclose(b.score, predict([frame])[1][0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_uniad_bundle_needs_its_product_calibration(run: Path, tmp_path: Path) -> None:
+    from build_engines.export import export_bundle
+
+    bundle = export_bundle(run, tmp_path / "b")
+    m = json.loads((bundle / "manifest.json").read_text())
+    del m["classes"]
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="classes"):
+        Detector(bundle)
+
+
+def test_uniad_option_errors(products: list[Path], tmp_path: Path) -> None:
+    from build_engines.uniad.train import UniADConfig
+
+    with pytest.raises(ConfigError, match="distinct names"):
+        UniADConfig(data=[str(products[0]), str(products[0])], out=str(tmp_path / "r")).validate()
+    with pytest.raises(ConfigError, match="image-size"):
+        UniADConfig(data=[str(products[0])], out=str(tmp_path / "r"), image_size=100).validate()
+    with pytest.raises(ConfigError, match="UniAD input"):
+        UniAD(8, (4, 4), hidden=8, heads=2, layers=(1, 1), ffn=8, neighbourhood=3)(torch.zeros(1, 8, 5, 5))
