@@ -254,7 +254,10 @@ def run_bench(
     if threads is not None:
         _check_positive("threads", threads)
     report: dict[str, Any] = {"machine": machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with Detector(bundle, backend=backend, variant=variant, precision=precision, threads=threads) as det:
+    from edgead.bundle import load_bundle
+
+    products = list(load_bundle(bundle).manifest.classes)  # a multi-product bundle (UniAD): time it as its first product
+    with Detector(bundle, backend=backend, variant=variant, precision=precision, threads=threads, product=products[0] if products else None) as det:
         size = det.image_size
         frame = synthetic_frame(size)
         report["config"] = {
@@ -264,6 +267,7 @@ def run_bench(
             "variant": det.variant,
             "device": det.device,
             "image_size": size,
+            "family": det.bundle.manifest.family,
             "frame": list(frame.shape),
             "runs": runs,
             "warmup": warmup,
