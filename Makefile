@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 BUILD  := build
 JOBS   ?= 2
 
-.PHONY: all venv kernels lint typecheck test test-gpu demo bench soak clean
+.PHONY: all venv serve-venv kernels lint typecheck test test-gpu demo bench soak loadtest clean
 
 all: test
 
@@ -24,6 +24,14 @@ $(STAMP): requirements-dev.txt setup.py
 
 venv: $(STAMP)
 
+# `edgead serve` (Triton via PyTriton, which pins numpy<2) in a venv of its own from the system Python.
+SERVE_VENV   := .venv-serve
+SERVE_PYTHON ?= /usr/bin/python3
+$(SERVE_VENV)/.installed: requirements-serve.txt setup.py scripts/serve_venv.sh
+	bash scripts/serve_venv.sh $(SERVE_VENV) $(SERVE_PYTHON)
+
+serve-venv: $(SERVE_VENV)/.installed
+
 # CUDA library when nvcc is present (compiled for the architectures in CMakeLists.txt), host twin always.
 kernels:
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release >/dev/null
@@ -37,7 +45,7 @@ typecheck: venv
 	$(PY) scripts/trt_stubs.py $(BUILD)/typestubs
 	MYPYPATH=$(BUILD)/typestubs $(VENV)/bin/mypy sdk/edgead build_engines/trt_build.py
 
-test: venv kernels lint typecheck
+test: venv serve-venv kernels lint typecheck
 	$(PY) -m pytest -q -m "not gpu"
 
 # On a machine with an NVIDIA GPU: the CUDA kernels against the NumPy reference.
@@ -54,6 +62,11 @@ bench: venv
 soak: venv
 	mkdir -p bench_out
 	$(PY) scripts/soak.py --bundle demo_out/bundle --frames 3000 --fps 10 --kill-every 60 --json bench_out/soak.json
+
+# Minutes, not in CI: 8 simulated cameras against `edgead serve` on the demo bundle, with and without dynamic batching.
+loadtest: venv serve-venv
+	mkdir -p bench_out
+	$(PY) samples/loadtest.py --serve demo_out/bundle --cameras 8 --duration 60 --compare-batching --json bench_out/loadtest.json
 
 clean:
 	rm -rf $(BUILD) demo_out bench_out

@@ -9,6 +9,9 @@ Extras per need:
   jetson  - cuda-python 12.x only: JetPack 6 ships TensorRT 10.3 for CUDA 12.6 in the system site-packages
             (create the venv with --system-site-packages; no TensorRT wheel exists for L4T on PyPI)
   camera  - GigE Vision through Aravis (also needs the system package gir1.2-aravis-0.8)
+  serve   - `edgead serve`: NVIDIA Triton Inference Server through PyTriton; it pins numpy<2, so install it in an
+            environment of its own made from the system Python (make serve-venv; docs/serving.md)
+  remote  - RemoteDetector: the client of `edgead serve` (tritonclient over HTTP and gRPC; numpy 2 is fine)
   dev     - tests, type checks, lint
 """
 
@@ -26,6 +29,8 @@ EXTRAS = {
     "tensorrt": ["tensorrt-cu13>=10.13,<11", "cuda-python>=13,<14"],
     "jetson": ["cuda-python>=12.4,<13"],
     "camera": ["PyGObject<3.51"],
+    "serve": ["nvidia-pytriton==0.7.0", "numpy<2", "onnxruntime>=1.18"],
+    "remote": ["tritonclient[http,grpc]>=2.50"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.4", "mypy>=1.10", "ruff>=0.5", "cuda-python>=13,<14"],
 }
 

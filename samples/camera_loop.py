@@ -15,6 +15,10 @@ Examples::
     python samples/camera_loop.py --bundle bundle/ --source 0 --preview          # USB camera via OpenCV
     python samples/camera_loop.py --bundle bundle/ --source folder:images/ --max-frames 100
     python samples/camera_loop.py --dry-run --source gige --max-frames 200       # no model: test the camera path
+    python samples/camera_loop.py --server http://gpu-box:8000 --model station3 --source gige   # model on 'edgead serve'
+
+With ``--server`` the model runs on an inference server (``edgead serve``); a frame the server could not score
+(down, restarting, overloaded, refused) is logged with its error and counted NG: never silently lost, never passed.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import numpy as np
 
 from edgead import Result
 from edgead.errors import ConfigError, EdgeADError, message
+from edgead.remote import RemoteError
 from edgead.sources import PIXEL_FORMATS, QUEUE_POLICIES, TRIGGER_MODES, Acquisition, Frame, FrameQueue, FrameSource, open_source
 
 log = logging.getLogger("camera_loop")
@@ -214,8 +219,14 @@ def build_source(args: argparse.Namespace) -> FrameSource:
 def build_detector(args: argparse.Namespace) -> Any:
     if args.dry_run:
         return DryRunDetector(args.threshold if args.threshold is not None else 0.5)
+    if args.server is not None or args.model is not None:
+        if args.server is None or args.model is None or args.bundle is not None:
+            raise ConfigError(message("--server/--model", f"--server {args.server} --model {args.model} --bundle {args.bundle}", "--server and --model together, without --bundle", "pass both (or --bundle for a local model)"))
+        from edgead.remote import RemoteDetector
+
+        return RemoteDetector(args.server, args.model, threshold=args.threshold, timeout_s=args.server_timeout, retries=args.server_retries)
     if args.bundle is None:
-        raise ConfigError(message("--bundle", "nothing", "a bundle directory", "pass --bundle DIR (or --dry-run to test the camera alone)"))
+        raise ConfigError(message("--bundle", "nothing", "a bundle directory", "pass --bundle DIR, --server URL --model NAME, or --dry-run to test the camera alone"))
     from edgead import Detector
 
     return Detector(args.bundle, backend=args.backend, threshold=args.threshold, threads=args.threads)
@@ -286,7 +297,7 @@ def run(args: argparse.Namespace, stopper: Stopper | None = None) -> dict[str, A
 
     acq = Acquisition(source, queue, backoff_s=args.backoff, max_backoff_s=args.max_backoff, on_event=on_event)
     stats = RollingStats(args.window)
-    processed = ng = 0
+    processed = ng = errors = 0
     started = time.monotonic()
     last_report = started
     summary: dict[str, Any] = {}
@@ -300,7 +311,10 @@ def run(args: argparse.Namespace, stopper: Stopper | None = None) -> dict[str, A
                 if args.duration and time.monotonic() - started > args.duration:
                     break
                 continue
-            result = detector.infer(frame.image, color=frame.color)
+            try:
+                result = detector.infer(frame.image, color=frame.color)
+            except RemoteError as exc:  # the server could not score it: logged, counted and NG (fail safe), never dropped
+                result, error = None, exc
             done_ns = time.time_ns()
             latency_ms = (done_ns - frame.timestamp_ns) / 1e6
             stats.add(latency_ms)
@@ -308,21 +322,25 @@ def run(args: argparse.Namespace, stopper: Stopper | None = None) -> dict[str, A
             record = {
                 "id": frame.frame_id,
                 "timestamp": frame.timestamp_ns / 1e9,
-                "score": round(float(result.score), 6),
-                "decision": result.decision,
-                "finite": bool(getattr(result, "finite", True)),  # False: NaN/inf model output, decided NG
+                "score": round(float(result.score), 6) if result is not None else None,
+                "decision": result.decision if result is not None else "NG",
+                "finite": bool(getattr(result, "finite", True)) if result is not None else False,  # False: no finite model output, decided NG
                 "latency_ms": round(latency_ms, 3),
-                "infer_ms": round(float(result.timings["total"]), 3) if "total" in result.timings else None,
+                "infer_ms": round(float(result.timings["total"]), 3) if result is not None and "total" in result.timings else None,
                 "connection": frame.meta.get("connection", 0),
             }
+            if result is None:
+                errors += 1
+                record["error"], record["error_kind"] = str(error), error.kind
+                log.error("frame %s not scored (%s): %s", frame.frame_id, error.kind, error)
             if "camera_frame_id" in frame.meta:
                 record["camera_frame_id"] = frame.meta["camera_frame_id"]
-            if result.decision == "NG":
+            if record["decision"] == "NG":
                 ng += 1
-                if writer is not None:
+                if writer is not None and result is not None:
                     record["saved"] = str(writer.save(frame, result))
             out.write(json.dumps(record) + "\n")
-            if args.preview:
+            if args.preview and result is not None:
                 cv2.imshow("edgead", overlay(frame.image, result.anomaly_map, result.threshold))
                 if cv2.waitKey(1) & 0xFF in (27, ord("q")):
                     break
@@ -353,6 +371,7 @@ def run(args: argparse.Namespace, stopper: Stopper | None = None) -> dict[str, A
             "latency_ms_p50": round(p50, 3) if processed else None,  # JSON has no NaN: null when nothing ran
             "latency_ms_p99": round(p99, 3) if processed else None,
             "nonfinite": int(getattr(detector, "nonfinite_count", 0)),
+            "errors": errors,  # frames the inference server could not score (decided NG, each logged in the JSONL)
             "dropped_queue": queue.dropped,
             "incomplete": int(source.stats["incomplete"]),
             "missed": int(source.stats["missed"]),
@@ -386,6 +405,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--threshold", type=float, default=None, help="override the bundle's decision threshold")
     p.add_argument("--dry-run", action="store_true", help="no model: score = mean brightness (tests the camera path)")
+    p.add_argument("--server", default=None, help="inference server URL (http://HOST:8000 or grpc://HOST:8001) instead of --bundle")
+    p.add_argument("--model", default=None, help="model name on --server (the bundle folder's name by default in edgead serve)")
+    p.add_argument("--server-timeout", type=float, default=5.0, help="seconds per request to --server")
+    p.add_argument("--server-retries", type=int, default=2, help="retries of a failed request (backoff doubles from 0.2 s)")
     src = p.add_argument_group("source")
     src.add_argument("--source", default="gige", help="gige | gige:ID/SERIAL/IP | folder:DIR | camera index | rtsp/http URL | video file")
     src.add_argument("--pixel-format", default="Mono8", choices=list(PIXEL_FORMATS), help="GigE pixel format")

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fidelity": ("build_engines.fidelity", "how faithfully bf16/int8 reproduce fp32 on a data set; --record lets auto use them"),
     "build": ("build_engines.trt_build", "compile a TensorRT engine into a bundle (needs TensorRT)"),
     "bench": ("build_engines.bench", "latency / throughput benchmark of a bundle (JSON output)"),
+    "serve": ("edgead.serve", "serve bundles to many cameras from one box: NVIDIA Triton Inference Server (edgead[serve])"),
     "doctor": ("edgead.doctor", "what this machine can run and why: ONNX Runtime, CUDA driver/runtime, GPUs, TensorRT, kernels, a bundle's engines"),
     "demo": ("build_engines.demo", "end-to-end demo: synthetic data -> train -> eval -> export -> Detector"),
 }
