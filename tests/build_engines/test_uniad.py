@@ -137,3 +137,22 @@ def test_uniad_option_errors(products: list[Path], tmp_path: Path) -> None:
         UniADConfig(data=[str(products[0])], out=str(tmp_path / "r"), image_size=100).validate()
     with pytest.raises(ConfigError, match="UniAD input"):
         UniAD(8, (4, 4), hidden=8, heads=2, layers=(1, 1), ffn=8, neighbourhood=3)(torch.zeros(1, 8, 5, 5))
+
+
+def test_a_uniad_bundle_builds_a_tensorrt_engine_and_runs_on_it(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the existing builder and the TensorRT backend, on the host-simulated device (tests/simdevice)."""
+    import simdevice
+
+    from build_engines.export import export_bundle
+    from build_engines.trt_build import build_into_bundle
+
+    bundle = export_bundle(run, tmp_path / "b")
+    frames = [np.random.default_rng(i).integers(0, 256, (70 + 9 * i, 100, 3), dtype=np.uint8) for i in range(3)]
+    with simdevice.installed(monkeypatch) as sim:
+        build_into_bundle(bundle, variant="merged", precision="fp16", max_batch=4)
+        assert sim.trt.builds[-1]["fp32_layers"]  # the distance/pooling tail is kept FP32
+        with Detector(bundle, backend="tensorrt") as trt, Detector(bundle, backend="onnxruntime", threads=1) as ort:
+            for product in ("screws", "tiles"):
+                got = [r.score for r in trt.infer_batch(frames, product=product)]
+                ref = [r.score for r in ort.infer_batch(frames, product=product)]
+                np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-3)  # an FP16 body, as on a GPU
