@@ -55,18 +55,20 @@ def load_frames(source: str | None, size: tuple[int, int], count: int = 8, seed:
     return [np.ascontiguousarray(f) for f in frames]
 
 
-def camera(index: int, args: argparse.Namespace, frames: list[np.ndarray], stop: threading.Event, records: list[dict[str, Any]]) -> None:
-    """One simulated camera: send, wait for the answer, record its fate; until --duration or --max-frames."""
+def camera(index: int, args: argparse.Namespace, frames: list[np.ndarray], stop: threading.Event, records: list[dict[str, Any]], sent: list[int]) -> None:
+    """One simulated camera: send, wait for the answer, record its fate; until --duration or --max-frames.
+
+    ``sent[index]`` counts frames before they are sent, so that a frame whose fate went unrecorded (a client bug, an
+    unexpected exception) shows up as unaccounted instead of vanishing."""
     det = None
     period = 1.0 / args.fps if args.fps else 0.0
-    sent = 0
     try:
-        while not stop.is_set() and (not args.max_frames or sent < args.max_frames):
-            frame = frames[(index + sent) % len(frames)]
+        while not stop.is_set() and (not args.max_frames or sent[index] < args.max_frames):
+            frame = frames[(index + sent[index]) % len(frames)]
             color = "gray" if frame.ndim == 2 else "bgra" if frame.shape[2] == 4 else "bgr"
             t0 = time.perf_counter()
-            rec: dict[str, Any] = {"camera": index, "frame": sent, "t": time.monotonic()}
-            sent += 1
+            rec: dict[str, Any] = {"camera": index, "frame": sent[index], "t": time.monotonic()}
+            sent[index] += 1
             try:
                 if det is None:
                     det = RemoteDetector(args.server, args.model, timeout_s=args.timeout, retries=args.retries, backoff_s=0.2, max_backoff_s=1.0)
@@ -74,6 +76,8 @@ def camera(index: int, args: argparse.Namespace, frames: list[np.ndarray], stop:
                 rec.update(decision=r.decision, batch=int(r.timings.get("batch", 0)), server_ms=r.timings.get("server"))
             except RemoteError as exc:
                 rec.update(error=exc.kind, message=str(exc)[:300])
+            except Exception as exc:  # noqa: BLE001 - anything else is a client-side failure, recorded as such
+                rec.update(error="client", message=repr(exc)[:300])
             rec["latency_ms"] = (time.perf_counter() - t0) * 1e3
             records.append(rec)
             if period:
@@ -83,7 +87,7 @@ def camera(index: int, args: argparse.Namespace, frames: list[np.ndarray], stop:
             det.close()
 
 
-def summarize(records: list[dict[str, Any]], elapsed: float, cameras: int) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], elapsed: float, cameras: int, sent: int) -> dict[str, Any]:
     decided = [r for r in records if "decision" in r]
     lat = np.array([r["latency_ms"] for r in decided]) if decided else np.array([])
     errors = Counter(r["error"] for r in records if "error" in r)
@@ -91,10 +95,10 @@ def summarize(records: list[dict[str, Any]], elapsed: float, cameras: int) -> di
     return {
         "cameras": cameras,
         "elapsed_s": round(elapsed, 3),
-        "sent": len(records),
+        "sent": sent,
         "decided": len(decided),
         "errors": dict(errors),
-        "accounted": len(decided) + sum(errors.values()) == len(records),
+        "accounted": len(decided) + sum(errors.values()) == sent,
         "throughput_fps": round(len(decided) / elapsed, 2) if elapsed > 0 else 0.0,
         "latency_ms_p50": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
         "latency_ms_p99": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
@@ -107,19 +111,24 @@ def summarize(records: list[dict[str, Any]], elapsed: float, cameras: int) -> di
 def run_load(args: argparse.Namespace, frames: list[np.ndarray], server: ServerProcess | None = None) -> dict[str, Any]:
     """K camera threads for --duration seconds; with --restart-at the server is killed then started again."""
     records: list[dict[str, Any]] = []
+    sent = [0] * args.cameras
     stop = threading.Event()
-    threads = [threading.Thread(target=camera, args=(i, args, frames, stop, records), daemon=True) for i in range(args.cameras)]
+    threads = [threading.Thread(target=camera, args=(i, args, frames, stop, records, sent), daemon=True) for i in range(args.cameras)]
     started = time.monotonic()
     for t in threads:
         t.start()
     restart: dict[str, Any] = {}
-    if args.restart_at and server is not None:
-        time.sleep(args.restart_at)
-        restart["killed_at_s"] = round(time.monotonic() - started, 3)
-        server.kill()
-        t0 = time.monotonic()
-        server.start()
-        restart["restart_s"] = round(time.monotonic() - t0, 3)
+    try:
+        if args.restart_at and server is not None:
+            time.sleep(args.restart_at)
+            restart["killed_at_s"] = round(time.monotonic() - started, 3)
+            server.kill()
+            t0 = time.monotonic()
+            server.start()
+            restart["restart_s"] = round(time.monotonic() - t0, 3)
+    except BaseException:
+        stop.set()
+        raise
     deadline = started + args.duration
     while time.monotonic() < deadline and any(t.is_alive() for t in threads):
         time.sleep(0.05)
@@ -127,7 +136,7 @@ def run_load(args: argparse.Namespace, frames: list[np.ndarray], server: ServerP
     for t in threads:
         t.join(timeout=args.timeout * (args.retries + 1) + 10)
     hung = sum(t.is_alive() for t in threads)
-    summary = summarize(list(records), time.monotonic() - started, args.cameras)
+    summary = summarize(list(records), time.monotonic() - started, args.cameras, sum(sent))
     summary["hung_cameras"] = hung
     if restart:
         back = started + restart["killed_at_s"] + restart["restart_s"]
@@ -197,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
-    ok = all(r["accounted"] and r["hung_cameras"] == 0 for r in runs.values())
+    ok = all(r["accounted"] and r["hung_cameras"] == 0 and "client" not in r["errors"] for r in runs.values())
     return 0 if ok else 1
 
 

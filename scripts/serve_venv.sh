@@ -14,7 +14,7 @@ skip() {
 [ "$(uname -m)" = x86_64 ] || [ "$(uname -m)" = aarch64 ] || skip "nvidia-pytriton has wheels for x86_64 and aarch64 only"
 glibc="$(ldd --version 2>/dev/null | head -1 | grep -oE '[0-9]+\.[0-9]+$' || echo 0.0)"
 [ "$(printf '%s\n2.35\n' "$glibc" | sort -V | head -1)" = 2.35 ] || skip "glibc $glibc < 2.35 (Triton 2.51 needs 2.35+: Ubuntu 22.04, Debian 12 or newer)"
-[ -x "$PY" ] || skip "no system Python at $PY (pass SERVE_PYTHON=/usr/bin/python3.X)"
+[ -x "$PY" ] || skip "no system Python at $PY (make serve-venv SERVE_PYTHON=/usr/bin/python3.X)"
 "$PY" -c 'import sys, venv, ensurepip; assert (3, 8) <= sys.version_info[:2] <= (3, 12)' 2>/dev/null \
   || skip "$PY is not Python 3.8-3.12 with venv/ensurepip (apt install python3-venv)"
 test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"

@@ -19,8 +19,10 @@ that made it), so one ``RemoteDetector`` can serve several camera threads.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -39,6 +41,7 @@ __all__ = ["RemoteDetector", "RemoteError", "wire_map_size"]
 log = logging.getLogger(__name__)
 
 KINDS = ("unreachable", "timeout", "overloaded", "unknown_model", "rejected", "protocol")
+_REPLY = ("score", "threshold", "anomalous", "finite", "anomaly_map", "server_ms", "batch_size", "error")
 _RETRYABLE = ("unreachable", "timeout", "overloaded")
 
 
@@ -118,8 +121,7 @@ class RemoteDetector:
         self._backoff = float(backoff_s)
         self._max_backoff = float(max_backoff_s)
         self._map_size = wire_map_size(map_size)
-        self._local = threading.local()
-        self._clients: list[Any] = []
+        self._clients: dict[int, Any] = {}  # thread id (0: the shared gRPC client) -> client
         self._clients_lock = threading.Lock()
         self._closed = False
         self._module = self._import_client()
@@ -136,66 +138,69 @@ class RemoteDetector:
                 import tritonclient.grpc as module
             else:
                 import tritonclient.http as module
+            from tritonclient.utils import InferenceServerException
         except ImportError as exc:
             raise MissingDependencyError(f"tritonclient[{self._protocol}]", "remote", "RemoteDetector") from exc
+        self._server_exception = InferenceServerException
         return module
 
     def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
-        if client is None:
+        """This thread's HTTP connection (gevent-based: it stays on its thread), or the shared gRPC client."""
+        key = 0 if self._protocol == "grpc" else threading.get_ident()
+        with self._clients_lock:
             if self._closed:
                 raise ConfigError(message("RemoteDetector", "a closed detector", "an open one", "create a new RemoteDetector"))
-            if self._protocol == "grpc":
-                client = self._module.InferenceServerClient(self._address)
-            else:
-                client = self._module.InferenceServerClient(self._address, connection_timeout=self._timeout, network_timeout=self._timeout)
-            self._local.client = client
-            with self._clients_lock:
-                self._clients.append(client)
+            client = self._clients.get(key)
+            if client is None:
+                if self._protocol == "grpc":
+                    client = self._module.InferenceServerClient(self._address)
+                else:
+                    client = self._module.InferenceServerClient(self._address, connection_timeout=self._timeout, network_timeout=self._timeout)
+                    alive = {t.ident for t in threading.enumerate()}
+                    for ident in [k for k in self._clients if k not in alive]:  # threads that ended leave their connection
+                        _close_quietly(self._clients.pop(ident))
+                self._clients[key] = client
         return client
 
     def _drop_client(self) -> None:
         """Forget this thread's connection (a restarted server leaves it dead); the next call opens a new one."""
-        client = getattr(self._local, "client", None)
-        self._local.client = None
+        key = 0 if self._protocol == "grpc" else threading.get_ident()
+        with self._clients_lock:
+            client = self._clients.pop(key, None)
         if client is not None:
-            with self._clients_lock:
-                if client in self._clients:
-                    self._clients.remove(client)
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001 - a dead connection may fail to close; it is dropped either way
-                pass
+            _close_quietly(client)
+
+    def _call(self, client: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A client call bounded by ``timeout_s`` (gRPC: a deadline; HTTP: the connection's network timeout)."""
+        if self._protocol == "grpc":
+            kwargs["client_timeout"] = self._timeout
+        return getattr(client, method)(*args, **kwargs)
 
     def _check_model(self) -> int:
         client = self._client()
-        if not client.is_server_live():
+        if not self._call(client, "is_server_live"):
             raise RemoteError("unreachable", self._where("server is not live"))
-        if not client.is_model_ready(self._model, self._version):
-            served = self._served_models(client)
-            if self._model not in served:
+        if not self._call(client, "is_model_ready", self._model, self._version):
+            try:  # known but not ready (loading, or no such version) vs not served at all
+                self._call(client, "get_model_metadata", self._model)
+            except self._server_exception as exc:
+                if _status(exc) in ("400", "404", "StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT") or "unknown model" in str(exc).lower():
+                    raise self._unknown_model() from exc
+                raise
+            if self._version:
                 raise RemoteError(
-                    "unknown_model",
-                    message(
-                        f"model on {self._url}",
-                        repr(self._model),
-                        f"one of {', '.join(served)}" if served else "a model this server serves",
-                        "pass a model name that 'edgead serve' printed at start-up (the bundle folder's name unless --name)",
-                    ),
+                    "unknown_model", message(f"model '{self._model}' on {self._url}", f"version {self._version}", "a served version", "drop version= (the server serves one version per model)")
                 )
             raise RemoteError("unreachable", self._where(f"model '{self._model}' is not ready (still loading?)"))
-        config = client.get_model_config(self._model, self._version)
+        config = self._call(client, "get_model_config", self._model, self._version)
         config = config.get("config", config) if isinstance(config, dict) else _grpc_config(config)
-        return int(config.get("max_batch_size", 1) or 1)
+        return max(1, int(config.get("max_batch_size", 1) or 1))
 
-    def _served_models(self, client: Any) -> list[str]:
-        try:
-            index = client.get_model_repository_index()
-        except Exception:  # noqa: BLE001 - edgead serve keeps the repository endpoint token-protected: no list then
-            return []
-        if not isinstance(index, list):
-            index = [{"name": m.name} for m in getattr(index, "models", [])]
-        return sorted({m["name"] for m in index})
+    def _unknown_model(self) -> RemoteError:
+        return RemoteError(
+            "unknown_model",
+            message(f"model on {self._url}", repr(self._model), "a model this server serves", "pass a name 'edgead serve' printed at start-up (the bundle folder's name unless --name)"),
+        )
 
     @property
     def _url(self) -> str:
@@ -206,41 +211,49 @@ class RemoteDetector:
 
     # ------------------------------------------------------------------ calls
     def _retrying(self, call: Any, *args: Any) -> Any:
-        delay = self._backoff
+        delay = min(self._backoff, self._max_backoff)
         for attempt in range(self._retries + 1):
             try:
                 return call(*args)
-            except Exception as exc:  # noqa: BLE001 - every failure is classified below; unknown ones are protocol errors
-                err = exc if isinstance(exc, RemoteError) else self._classify(exc)
-                if isinstance(exc, EdgeADError) and not isinstance(exc, RemoteError):
+            except EdgeADError as exc:
+                if not isinstance(exc, RemoteError):
                     raise
-                if err.kind in ("unreachable", "timeout"):
-                    self._drop_client()
-                if not err.retryable or attempt == self._retries:
-                    if err is exc:
-                        raise
-                    raise err from exc
-                log.warning("%s (attempt %d of %d); retrying in %.2f s", err, attempt + 1, self._retries + 1, delay)
-                time.sleep(delay)
-                delay = min(self._max_backoff, delay * 2 if delay else self._backoff)
+                err = exc
+            except Exception as exc:  # noqa: BLE001 - every client failure is classified; unknown ones become 'protocol'
+                err = self._classify(exc)
+                err.__cause__ = exc
+            if err.kind in ("unreachable", "timeout"):
+                self._drop_client()
+            if not err.retryable or attempt == self._retries:
+                raise err
+            wait = delay * random.uniform(0.5, 1.0)  # jitter: K cameras do not retry in lockstep after a restart
+            log.warning("%s (attempt %d of %d); retrying in %.2f s", err, attempt + 1, self._retries + 1, wait)
+            time.sleep(wait)
+            delay = min(self._max_backoff, delay * 2 if delay else self._backoff)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _classify(self, exc: BaseException) -> RemoteError:
-        text = str(exc)
-        low = text.lower()
-        if isinstance(exc, (ConnectionError, OSError)) and not isinstance(exc, TimeoutError) and "timed out" not in low:
-            return RemoteError("unreachable", self._where(f"connection failed ({type(exc).__name__}: {text or 'no reply'})"))
-        if isinstance(exc, TimeoutError) or "timeout" in type(exc).__name__.lower() or "timed out" in low or "deadline" in low:
+        """A client failure as a RemoteError: by Triton's status for server replies, by type for the transport."""
+        if isinstance(exc, self._server_exception):
+            status, text = _status(exc), (exc.message() or str(exc))
+            low = text.lower()
+            if "maximum queue size" in low:
+                return RemoteError(
+                    "overloaded",
+                    message(f"model '{self._model}' on {self._url}", "queue full (request rejected)", "a server with capacity", "fewer cameras per server, more --instances, or a larger --queue-limit"),
+                )
+            if status in ("504", "StatusCode.DEADLINE_EXCEEDED"):
+                return RemoteError("timeout", self._where(f"no reply within {self._timeout:g} s"))
+            if status in ("503", "StatusCode.UNAVAILABLE"):
+                return RemoteError("unreachable", self._where(f"unavailable ({_short(text)})"))
+            if status in ("404", "StatusCode.NOT_FOUND") or "unknown model" in low:
+                return self._unknown_model()
+            return RemoteError("protocol", message(f"request to {self._url}", f"status {status}: {_short(text)}", "a valid request", "check the frame and the server log"))
+        if isinstance(exc, TimeoutError):
             return RemoteError("timeout", self._where(f"no reply within {self._timeout:g} s"))
-        if "maximum queue size" in low or "exceeds" in low and "queue" in low or "unavailable" in low and "queue" in low:
-            return RemoteError(
-                "overloaded", message(f"model '{self._model}' on {self._url}", "queue full (request rejected)", "a server with capacity", "fewer cameras per server, more --instances, or a larger --queue-limit")
-            )
-        if "unknown model" in low or "not found" in low and self._model in text:
-            return RemoteError("unknown_model", message(f"model on {self._url}", repr(self._model), "a served model", "pass a model that 'edgead serve' serves"))
-        if "connect" in low or "unavailable" in low or "socket closed" in low or "broken pipe" in low or "reset" in low:
-            return RemoteError("unreachable", self._where(f"connection failed ({text})"))
-        return RemoteError("protocol", message(f"request to {self._url}", text or type(exc).__name__, "a valid request", "check the frame and the server log"))
+        if isinstance(exc, (OSError, http.client.HTTPException)):  # refused, reset, closed mid-reply
+            return RemoteError("unreachable", self._where(f"connection failed ({type(exc).__name__}: {_short(str(exc)) or 'no reply'})"))
+        return RemoteError("protocol", message(f"request to {self._url}", f"{type(exc).__name__}: {_short(str(exc))}", "a valid reply", "check the server log"))
 
     def _request(self, frames: np.ndarray, color: str, product: str | None, map_size: tuple[int, int]) -> dict[str, np.ndarray]:
         m = self._module
@@ -255,11 +268,13 @@ class RemoteDetector:
             t = m.InferInput(name, list(array.shape), dtype)
             t.set_data_from_numpy(array)
             inputs.append(t)
-        names = ("score", "threshold", "anomalous", "finite", "anomaly_map", "server_ms", "batch_size", "error")
-        outputs = [m.InferRequestedOutput(k) for k in names]
-        extra = {"client_timeout": self._timeout} if self._protocol == "grpc" else {}
-        reply = self._client().infer(self._model, inputs, model_version=self._version, outputs=outputs, **extra)
-        return {k: reply.as_numpy(k) for k in names}
+        outputs = [m.InferRequestedOutput(k) for k in _REPLY]
+        reply = self._call(self._client(), "infer", self._model, inputs, model_version=self._version, outputs=outputs)
+        out = {k: reply.as_numpy(k) for k in _REPLY}
+        bad = [k for k, v in out.items() if v is None or len(v) != n]
+        if bad or out["anomaly_map"].ndim != 3:
+            raise RemoteError("protocol", message(f"reply of {self._url}/{self._model}", f"outputs {bad or 'anomaly_map'} missing or not {n} rows", "the edgead serve contract", "serve the model with the same EdgeAD version"))
+        return out
 
     # ------------------------------------------------------------------ the Detector API
     @property
@@ -269,6 +284,11 @@ class RemoteDetector:
     @property
     def device(self) -> str:
         return f"remote {self._url}/{self._model}"
+
+    @property
+    def backend(self) -> str:
+        """``"remote"``: the model runs on an inference server (its backend is the server's choice)."""
+        return "remote"
 
     @property
     def threshold(self) -> float | None:
@@ -302,14 +322,14 @@ class RemoteDetector:
                 out = self._retrying(self._request, np.stack([wire[i] for i in chunk]), color, product, size)
                 total = (time.perf_counter() - t0) * 1e3 / len(chunk)
                 for j, i in enumerate(chunk):
-                    results[i] = self._result(out, j, total)
+                    results[i] = self._result(out, j, total, f"frame {i}" if len(wire) > 1 else "frame")
         return results  # type: ignore[return-value]
 
-    def _result(self, out: dict[str, np.ndarray], j: int, total_ms: float) -> Result:
+    def _result(self, out: dict[str, np.ndarray], j: int, total_ms: float, which: str) -> Result:
         error = out["error"].reshape(len(out["error"]), -1)[j, 0]
         error = error.decode(errors="replace") if isinstance(error, bytes) else str(error)
-        if error:
-            raise RemoteError("rejected", error)
+        if error:  # the server refused this frame; the message names what was wrong with it
+            raise RemoteError("rejected", f"{which} refused by {self._url}/{self._model}: {error}")
         score = float(out["score"][j].reshape(-1)[0])
         finite = bool(out["finite"][j].reshape(-1)[0])
         threshold = float(out["threshold"][j].reshape(-1)[0]) if self._threshold is None else self._threshold
@@ -320,16 +340,12 @@ class RemoteDetector:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Close every connection this detector opened; idempotent."""
-        self._closed = True
+        """Close every connection this detector opened; idempotent. Later calls raise."""
         with self._clients_lock:
-            clients, self._clients = self._clients, []
+            self._closed = True
+            clients, self._clients = list(self._clients.values()), {}
         for c in clients:
-            try:
-                c.close()
-            except Exception:  # noqa: BLE001 - closing a connection to a dead server may fail; nothing to keep
-                pass
-        self._local = threading.local()
+            _close_quietly(c)
 
     def __enter__(self) -> RemoteDetector:
         return self
@@ -345,6 +361,24 @@ def _wire_frame(frame: object, color: str) -> np.ndarray:
     """A frame as it crosses the wire: (H, W, C) uint8/uint16; refused here as a local Detector would refuse it."""
     f = check_frame(frame, color)
     return np.ascontiguousarray(f[:, :, None] if f.ndim == 2 else f)
+
+
+def _status(exc: Any) -> str:
+    status = exc.status() if hasattr(exc, "status") else None
+    return str(status) if status is not None else ""
+
+
+def _short(text: str, n: int = 300) -> str:
+    """First line of a server message, bounded (a server traceback does not belong in a camera's log line)."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first if len(first) <= n else first[: n - 3] + "..."
+
+
+def _close_quietly(client: Any) -> None:
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001 - closing a connection to a dead server (or from another thread) may fail; it is dropped
+        pass
 
 
 def _grpc_config(config: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 One Triton model per bundle (station), each backed by ``Detector`` instances (TensorRT on a GPU, OpenVINO / ONNX
 Runtime on a CPU), with Triton's dynamic batching, queue limit, health and Prometheus metrics. Clients send frames
 as the camera delivers them (``frame_u8`` or ``frame_u16``, HxWxC; pre-processing runs here) and get back the score,
-the decision and the anomaly map at model resolution (small; ``RemoteDetector`` resizes it to what its caller asks).
+the decision and the anomaly map at the size they ask (model resolution by default: small).
 
     edgead serve bundles/station1 bundles/station2 --http-port 8000 --max-batch 16 --max-queue-delay-us 2000
 
@@ -11,7 +11,8 @@ Model name: ``--name`` or the bundle folder's name; version: a number derived fr
 re-exported bundle is a new version. Binds 127.0.0.1 unless ``--host`` says otherwise (Triton's own default is
 every interface). Ready (``/v2/health/ready``) only when every model is loaded.
 
-Needs ``pip install 'edgead[serve]'`` in an environment of its own: PyTriton pins numpy < 2 (docs/deployment.md).
+Needs ``pip install 'edgead[serve]'`` in an environment of its own: PyTriton pins numpy < 2 (``make serve-venv``,
+docs/serving.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,7 +60,7 @@ OUTPUTS = {
     "error": (np.bytes_, (1,)),
 }
 MAP_MODEL, MAP_FRAME = (0, 0), (-1, -1)
-MAX_FRAME_PIXELS = 64_000_000  # 64 MP: beyond any line camera; a bigger tensor is refused before it is decoded
+MAX_FRAME_PIXELS = 64_000_000  # 64 MP: beyond any line camera; a bigger frame is refused before pre-processing
 _NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -148,8 +150,8 @@ def _text(req: dict[str, np.ndarray], key: str, i: int, default: str | None) -> 
 def make_infer_func(detector: Any, max_pixels: int = MAX_FRAME_PIXELS) -> Callable[..., list[dict[str, np.ndarray]]]:
     """The Triton model function of one Detector: the requests of one dynamic batch in, one reply per request out.
 
-    Frames with the same options and size run as one Detector batch. A frame the Detector refuses gets its error in
-    its own row; the other requests of the batch are answered as usual.
+    Frames with the same options and size run as one Detector batch. Frames the Detector refuses (or that fail)
+    get the error in their own rows; the other requests of the batch are answered as usual.
     """
 
     def infer(requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -169,14 +171,17 @@ def make_infer_func(detector: Any, max_pixels: int = MAX_FRAME_PIXELS) -> Callab
 
 
 def _run_group(detector: Any, group: list[_Row], color: str, product: str | None, map_size: Any) -> None:
+    """One Detector batch; a failure becomes these frames' error rows (never the whole dynamic batch's error)."""
     try:
         results = detector.infer_batch([r.frame for r in group], color=color, map_size=map_size, product=product)
-    except EdgeADError as exc:
-        if len(group) > 1:  # find the frame at fault: the others still get their decision
-            for r in group:
-                _run_group(detector, [r], color, product, map_size)
-            return
-        group[0].error = str(exc)
+    except EdgeADError as exc:  # the frames or options are at fault: the message says how to fix them
+        for r in group:
+            r.error = str(exc)
+        return
+    except Exception as exc:  # noqa: BLE001 - a backend failure must not fail other cameras' requests of the batch
+        log.exception("inference failed for %d frame(s)", len(group))
+        for r in group:
+            r.error = message("inference on the server", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}", "a result", "see the server log")
         return
     for r, res in zip(group, results, strict=True):
         r.result = res
@@ -248,7 +253,8 @@ def check_config(cfg: ServeConfig) -> list[str]:
 
 
 def serve(cfg: ServeConfig, *, block: bool = True) -> Any:
-    """Start Triton with one model per bundle; ``block=False`` returns the running ``Triton`` (call ``.stop()``).
+    """Start Triton with one model per bundle and serve until SIGINT/SIGTERM (returns 0) or until tritonserver dies
+    (returns 1, so that a supervisor restarts it); ``block=False`` returns the running server (call ``.stop()``).
 
     Every bundle is loaded and every Detector created before the server starts, so that a bad bundle fails here
     with its own error and the server never reports ready with some stations missing.
@@ -311,19 +317,26 @@ def serve(cfg: ServeConfig, *, block: bool = True) -> Any:
     if not block:
         return _Running(server, close_all)
     print(f"edgead serve: {', '.join(names)} on http://{cfg.host}:{cfg.http_port} grpc :{cfg.grpc_port} metrics :{cfg.metrics_port}", flush=True)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    asked = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        asked.set()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
     try:
-        server.serve()
+        server.serve()  # returns when asked to stop, or when tritonserver or a model's proxy died
     except KeyboardInterrupt:
-        pass
+        asked.set()
     finally:
         server.stop()
         close_all()
-    return None
-
-
-def _raise_interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
+    if not asked.is_set():
+        log.error("tritonserver stopped on its own (see its log above): exiting with status 1 so that a supervisor restarts it")
+        return 1
+    return 0
 
 
 @dataclass
@@ -387,8 +400,9 @@ class ServerProcess:
         import urllib.error
         import urllib.request
 
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through http_proxy
         try:
-            with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=1.0) as r:  # noqa: S310 - loopback URL we built
+            with opener.open(f"{self.url}/v2/health/ready", timeout=1.0) as r:
                 return bool(r.status == 200)
         except (urllib.error.URLError, OSError):
             return False
@@ -401,6 +415,16 @@ class ServerProcess:
         size = self._log.tell()
         self._log.seek(max(0, size - n))
         return self._log.read().decode(errors="replace")
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else int(self._proc.pid)
+
+    def wait(self, timeout_s: float) -> int:
+        """Wait for the server to exit on its own; its exit code (raises subprocess.TimeoutExpired)."""
+        if self._proc is None:
+            raise ConfigError(message("ServerProcess", "never started", "a started server", "start() it first"))
+        return int(self._proc.wait(timeout=timeout_s))
 
     def kill(self) -> None:
         """A crash: SIGKILL to the whole process group (PyTriton and tritonserver)."""
@@ -453,22 +477,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="threads per Detector (CPU backends)")
     p.add_argument("--instances", type=int, default=1, help="Detector instances per model (Triton instance group)")
     p.add_argument("--max-batch", type=int, default=16, help="largest batch Triton forms")
-    p.add_argument("--preferred-batch", default="4,8,16", help="preferred dynamic batch sizes")
+    p.add_argument("--preferred-batch", default=None, help="preferred dynamic batch sizes (default: 4, 8, 16 up to --max-batch)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000, help="how long the batcher waits to fill a batch")
     p.add_argument("--queue-limit", type=int, default=64, help="requests queued per model before new ones are rejected")
     p.add_argument("--no-dynamic-batching", action="store_true", help="every request runs alone (baseline; no queue limit)")
     p.add_argument("--max-frame-pixels", type=int, default=MAX_FRAME_PIXELS, help="larger frames are refused")
     a = p.parse_args(list(argv) if argv is not None else None)
     try:
-        preferred = [int(v) for v in a.preferred_batch.split(",") if v.strip()]
+        preferred = [int(v) for v in a.preferred_batch.split(",") if v.strip()] if a.preferred_batch else [b for b in (4, 8, 16) if b <= a.max_batch] or [a.max_batch]
     except ValueError as exc:
         raise ConfigError(message("--preferred-batch", repr(a.preferred_batch), "comma-separated ints", "e.g. --preferred-batch 4,8,16")) from exc
     cfg = ServeConfig(
         a.bundles, a.name, a.host, a.http_port, a.grpc_port, a.metrics_port, a.backend, a.threads, a.instances, a.max_batch, preferred,
         a.max_queue_delay_us, a.queue_limit, not a.no_dynamic_batching, a.max_frame_pixels,
     )
-    serve(cfg)
-    return 0
+    return int(serve(cfg) or 0)
 
 
 if __name__ == "__main__":

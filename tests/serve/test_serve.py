@@ -81,11 +81,12 @@ def start_server(bundles: list[Path], *extra: str, tmp: Path) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def server(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = start_server(list(bundles.values()), "--max-frame-pixels", "1000000", tmp=tmp_path_factory.mktemp("log"))
+    # a 20 ms batching window, so that concurrent requests of a test are batched together
+    srv = start_server(list(bundles.values()), "--max-frame-pixels", "1000000", "--max-queue-delay-us", "20000", tmp=tmp_path_factory.mktemp("log"))
     yield srv
     t0 = time.monotonic()
     code = srv.stop(grace_s=30)
-    assert time.monotonic() - t0 < 35 and code is not None
+    assert time.monotonic() - t0 < 35 and code == 0, srv.log_tail()  # SIGINT: a clean stop, exit status 0
 
 
 def frames(seed: int = 0) -> list[tuple[np.ndarray, str]]:
@@ -159,23 +160,58 @@ def test_bad_requests_get_clear_errors_and_server_stays_up(server: ServerProcess
 
 
 def test_bad_frame_in_a_dynamic_batch_does_not_fail_the_others(server: ServerProcess) -> None:
-    good, bad = frames()[0][0], np.zeros((1100, 1000, 3), np.uint8)
-    results: dict[int, object] = {}
+    """Same-size frames with the same inputs sent at once are batched together by Triton; one of them asks for an
+    impossible map size. Its reply carries the error; the others in the same model call get their decisions."""
+    import tritonclient.http as http
 
-    def send(i: int) -> None:
-        with RemoteDetector(server.url, "station_a") as det:
-            try:
-                results[i] = det.infer(bad if i == 0 else good)
-            except RemoteError as exc:
-                results[i] = exc
+    frame = frames()[0][0]
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert isinstance(results[0], RemoteError) and results[0].kind == "rejected" and "pixels" in str(results[0])
-    assert all(getattr(results[i], "finite", False) for i in range(1, 6))
+    def bad() -> tuple[str, int]:
+        client = http.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        inputs = []
+        # the inputs RemoteDetector sends (Triton batches only requests with the same inputs), one value refused
+        bad_inputs = (("frame_u8", frame[None], "UINT8"), ("color", np.array([[b"bgr"]], np.object_), "BYTES"), ("map_size", np.array([[5, 99999]], np.int32), "INT32"))
+        for name, array, dtype in bad_inputs:
+            t = http.InferInput(name, list(array.shape), dtype)
+            t.set_data_from_numpy(array)
+            inputs.append(t)
+        reply = client.infer("station_a", inputs, outputs=[http.InferRequestedOutput(k) for k in ("error", "batch_size")])
+        client.close()
+        return reply.as_numpy("error")[0, 0].decode(), int(reply.as_numpy("batch_size")[0, 0])
+
+    for _attempt in range(5):  # batching depends on timing; a few tries make it certain in practice
+        results: dict[int, object] = {}
+
+        def send(i: int, results: dict[int, object] = results) -> None:
+            if i == 0:
+                results[0] = bad()
+                return
+            with RemoteDetector(server.url, "station_a") as det:
+                results[i] = det.infer(frame)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        error, batch = results[0]  # type: ignore[misc]
+        assert "map_size" in error and "99999" in error
+        assert all(getattr(results[i], "finite", False) for i in range(1, 6))
+        if batch > 1:
+            break
+    assert batch > 1, "the bad request was never batched with others"
+
+
+def test_a_failing_backend_fails_only_its_frames(tmp_path: Path) -> None:
+    class Broken:
+        def infer_batch(self, *_: object, **__: object) -> list[object]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\n  at layer 7")
+
+    out = make_infer_func(Broken())([{"frame_u8": frames()[0][0][None]}, {"frame_u8": frames()[0][0][None]}])
+    for o in out:
+        err = o["error"][0, 0].decode()
+        assert "RuntimeError: CUDA error: an illegal memory access was encountered" in err and "layer 7" not in err and "server log" in err
+        assert bool(o["anomalous"][0, 0]) and not bool(o["finite"][0, 0])
 
 
 def test_metrics_endpoint_counts_requests(server: ServerProcess) -> None:
@@ -237,6 +273,7 @@ def test_loadtest_short_form_with_and_without_dynamic_batching(bundles: dict[str
         run = result["runs"][label]
         assert run["accounted"] and run["decided"] > 0 and run["errors"] == {} and run["latency_ms_p99"] >= run["latency_ms_p50"] > 0
     assert set(result["runs"]["no_dynamic_batching"]["batch_sizes"]) == {"1"}
+    assert max(int(b) for b in result["runs"]["dynamic_batching"]["batch_sizes"]) > 1  # 3 cameras, one model: batches form
 
 
 def test_camera_loop_runs_unchanged_against_the_server(server: ServerProcess, tmp_path: Path) -> None:
@@ -355,3 +392,59 @@ def test_remote_detector_argument_errors(kwargs: dict[str, object], needle: str)
     args: dict[str, object] = {"url": "http://127.0.0.1:1", "model": "m", **kwargs}
     with pytest.raises(ConfigError, match=needle):
         RemoteDetector(**args)  # type: ignore[arg-type]
+
+
+def test_server_exits_with_status_1_when_tritonserver_dies(bundles: dict[str, Path], tmp_path: Path) -> None:
+    """A supervisor (systemd Restart=on-failure) must see the crash: the edgead serve process exits 1."""
+    import signal
+    import subprocess
+
+    srv = start_server([bundles["station_b"]], tmp=tmp_path)
+    try:
+        children = subprocess.run(["pgrep", "-s", str(srv.pid), "-f", "tritonserver"], capture_output=True, text=True, check=False).stdout.split()
+        assert children, "no tritonserver process in the server's session"
+        for pid in children:
+            os.kill(int(pid), signal.SIGKILL)
+        assert srv.wait(60) == 1, srv.log_tail()
+    finally:
+        srv.kill()
+
+
+def _bare_remote(protocol: str = "http") -> RemoteDetector:
+    """A RemoteDetector that never connected: for the classification of client failures."""
+    from tritonclient.utils import InferenceServerException
+
+    det = RemoteDetector.__new__(RemoteDetector)
+    det._protocol, det._address, det._model, det._timeout = protocol, "127.0.0.1:8000", "m", 2.0
+    det._server_exception = InferenceServerException
+    return det
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "kind"),
+    [
+        ("503", "Exceeds maximum queue size", "overloaded"),
+        ("StatusCode.UNAVAILABLE", "Exceeds maximum queue size", "overloaded"),
+        ("StatusCode.UNAVAILABLE", "failed to connect to all addresses", "unreachable"),
+        ("503", "Server is shutting down", "unreachable"),
+        ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", "timeout"),
+        ("400", "Request for unknown model: 'm' is not found", "unknown_model"),
+        ("400", "Traceback (most recent call last):\n  File x, in connect\nreset timeout", "protocol"),
+    ],
+)
+def test_server_replies_are_classified_by_status_not_by_words(status: str, text: str, kind: str) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    err = _bare_remote()._classify(InferenceServerException(text, status=status))
+    assert err.kind == kind
+    assert "\n" not in str(err)  # one line: a traceback is cut to its first line
+
+
+def test_transport_failures_are_classified_by_type() -> None:
+    from geventhttpclient.response import HTTPConnectionClosed
+
+    det = _bare_remote()
+    assert det._classify(TimeoutError("timed out")).kind == "timeout"
+    assert det._classify(ConnectionRefusedError(111, "Connection refused")).kind == "unreachable"
+    assert det._classify(HTTPConnectionClosed("connection closed.")).kind == "unreachable"
+    assert det._classify(KeyError("score")).kind == "protocol"
