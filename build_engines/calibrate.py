@@ -27,7 +27,7 @@ from edgead.postprocess import EfficientADPost, QuantileAffine, efficientad_maps
 from .efficientad.models import EfficientAD
 from .efficientad.run import Calibration
 
-__all__ = ["QA", "QB", "THRESHOLD_METHODS", "model_outputs", "fit_quantiles", "fit_threshold", "frame_scores", "calibrate"]
+__all__ = ["QA", "QB", "THRESHOLD_METHODS", "model_maps", "fit_quantiles", "fit_threshold", "frame_scores", "calibrate"]
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,15 @@ THRESHOLD_METHODS = ("max", "quantile:Q", "sigma:K")
 
 
 @torch.no_grad()
-def model_outputs(model: EfficientAD, images: np.ndarray | torch.Tensor, *, batch_size: int = 8, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run the model in eval mode on prepared NCHW images; return (teacher, student, ae) as float32 numpy.
+def model_maps(model: EfficientAD, images: np.ndarray | torch.Tensor, *, batch_size: int = 8, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Run the model in eval mode on prepared NCHW images; return the raw (N, h, w) local and global maps.
+
+    Batch by batch: only the one-channel maps are kept, never the 1536 feature channels of every image (a tiled
+    set's hundreds of tiles would need tens of GB).
 
     >>> m = EfficientAD("s", 128).eval()
-    >>> [o.shape[1] for o in model_outputs(m, np.zeros((1, 3, 128, 128), np.float32))]
-    [384, 768, 384]
+    >>> [o.shape for o in model_maps(m, np.zeros((2, 3, 128, 128), np.float32))]
+    [(2, 24, 24), (2, 24, 24)]
     """
     if len(images) == 0:
         raise DataError(message("images", "an empty batch", "at least one prepared image", "pass validation images"))
@@ -50,17 +53,19 @@ def model_outputs(model: EfficientAD, images: np.ndarray | torch.Tensor, *, batc
         raise ConfigError(message("batch_size", batch_size, "an integer >= 1", "pass --batch-size 8"))
     was_training = model.training
     model.eval()
-    outs: list[list[np.ndarray]] = [[], [], []]
+    local: list[np.ndarray] = []
+    glob: list[np.ndarray] = []
     try:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             x = torch.as_tensor(np.asarray(chunk) if not isinstance(chunk, torch.Tensor) else chunk, dtype=torch.float32).to(device)
-            for i, o in enumerate(model(x)):
-                outs[i].append(o.float().cpu().numpy())
+            t, s, a = (o.float().cpu().numpy() for o in model(x))
+            lo, gl = efficientad_maps(t, s, a)
+            local.append(lo)
+            glob.append(gl)
     finally:
         model.train(was_training)
-    t, s, a = (np.concatenate(o) for o in outs)
-    return t, s, a
+    return np.concatenate(local), np.concatenate(glob)
 
 
 def _check_q(qa: float, qb: float) -> None:
@@ -158,8 +163,7 @@ def calibrate(
     >>> cal = calibrate(EfficientAD("s", 128), np.random.rand(2, 3, 128, 128).astype(np.float32))  # doctest: +SKIP
     """
     parse_threshold_method(threshold_method)
-    t, s, a = model_outputs(model, val_images, batch_size=batch_size, device=device)
-    local, glob = efficientad_maps(t, s, a)
+    local, glob = model_maps(model, val_images, batch_size=batch_size, device=device)
     st, ae = fit_quantiles(local, glob, qa, qb)
     post = EfficientADPost(st, ae, model.map_pad)
     _, tile_scores = merge_maps(local, glob, post)

@@ -27,11 +27,11 @@ import numpy as np
 from edgead.datasets import Dataset, Sample, image_color, open_dataset, read_image, read_mask
 from edgead.errors import ConfigError, DataError, message
 from edgead.metrics import aupro, f1_max, image_auroc, pixel_auroc
-from edgead.postprocess import EfficientADPost, efficientad_postprocess, resize_bilinear
+from edgead.postprocess import EfficientADPost, merge_maps, resize_bilinear
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 from edgead.tiling import Tiling
 
-from .calibrate import fit_threshold, model_outputs
+from .calibrate import fit_threshold, model_maps
 from .devices import resolve_device
 from .efficientad.models import EfficientAD
 from .efficientad.run import load_run
@@ -63,8 +63,7 @@ def predict(
     """
     pieces = [t for f in frames for t in tiling.cut(f)] if tiling is not None else frames
     x = np.stack([prepare(f, model.image_size, mean, std, image_color(f)) for f in pieces])
-    t, s, a = model_outputs(model, x, batch_size=min(len(pieces), 16), device=device)
-    maps, scores = efficientad_postprocess(t, s, a, post)
+    maps, scores = merge_maps(*model_maps(model, x, batch_size=min(len(pieces), 16), device=device), post)
     if tiling is None:
         return list(maps), scores
     out_maps, out_scores, start = [], [], 0

@@ -111,3 +111,24 @@ def test_sigma_rule_and_per_image_scores() -> None:
     assert frame_scores(np.array([0.1, 0.5, 0.2, -0.3]), np.array([0, 0, 2, 1])).tolist() == [0.5, -0.3, 0.2]
     with pytest.raises(ConfigError, match="groups"):
         frame_scores(np.zeros(3), np.zeros(2, int))
+
+
+def test_model_maps_are_the_maps_of_the_whole_outputs_batch_by_batch() -> None:
+    """Calibration keeps only the one-channel maps per batch (a tiled set has hundreds of tiles); the result must not
+    depend on the batch size and must equal the maps of the full teacher/student/autoencoder outputs."""
+    import torch
+
+    from build_engines.calibrate import model_maps
+    from build_engines.efficientad.models import EfficientAD
+    from edgead.postprocess import efficientad_maps
+
+    torch.manual_seed(0)
+    model = EfficientAD("s", 128).eval()
+    x = np.random.default_rng(0).standard_normal((5, 3, 128, 128)).astype(np.float32)
+    with torch.no_grad():
+        t, s, a = (o.numpy() for o in model(torch.from_numpy(x)))
+    ref_local, ref_glob = efficientad_maps(t, s, a)
+    for batch in (1, 2, 5):
+        local, glob = model_maps(model, x, batch_size=batch)
+        np.testing.assert_allclose(local, ref_local, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(glob, ref_glob, rtol=1e-5, atol=1e-6)
