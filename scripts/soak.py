@@ -47,6 +47,7 @@ def _start_camera(serial: str) -> subprocess.Popen[bytes]:
 
 def soak(bundle: Path, frames: int, fps: float, kill_every: float, work: Path) -> dict[str, Any]:
     serial = "EDGEAD-SOAK"
+    load_start = list(os.getloadavg())
     camera = _start_camera(serial)
     out, summary_path = work / "decisions.jsonl", work / "summary.json"
     cmd = [sys.executable, str(REPO / "samples" / "camera_loop.py"), "--bundle", str(bundle), "--backend", "onnxruntime", "--threads", "1"]
@@ -63,7 +64,9 @@ def soak(bundle: Path, frames: int, fps: float, kill_every: float, work: Path) -
             now = time.monotonic()
             try:
                 lines = sum(1 for _ in open(out)) if out.exists() else 0  # noqa: SIM115
-                samples.append({"t": round(now - t0, 1), "rss_kib": _rss_kib(loop.pid), "fds": _fds(loop.pid), "frames": lines})
+                rss = _rss_kib(loop.pid)
+                if rss > 0:  # an exiting (zombie) process has no VmRSS: not a sample of the loop
+                    samples.append({"t": round(now - t0, 1), "rss_kib": rss, "fds": _fds(loop.pid), "frames": lines})
             except (FileNotFoundError, ProcessLookupError):
                 break
             if kill_every and now - last_kill >= kill_every:
@@ -89,6 +92,7 @@ def soak(bundle: Path, frames: int, fps: float, kill_every: float, work: Path) -
         growth = round((warm[-1]["rss_kib"] - warm[0]["rss_kib"]) / (warm[-1]["frames"] - warm[0]["frames"]) * 1000, 1)
     return {
         "command": " ".join([sys.executable, *sys.argv]),
+        "load_average_start": load_start,
         "frames_asked": frames,
         "frames_decided": len(records),
         "loop_exit_code": loop.returncode,
@@ -100,6 +104,7 @@ def soak(bundle: Path, frames: int, fps: float, kill_every: float, work: Path) -
         "rss_growth_kib_per_1000_frames_after_60s": growth,
         "fds": {"start": samples[0]["fds"] if samples else None, "end": samples[-1]["fds"] if samples else None, "max": max((s["fds"] for s in samples), default=None)},
         "duration_s": round(time.monotonic() - t0, 1),
+        "load_average_end": list(os.getloadavg()),  # other work on the machine slows the loop (frames then drop by policy)
         "samples": samples,
     }
 
