@@ -37,6 +37,7 @@ from .errors import ConfigError, EdgeADError, MissingDependencyError, message
 __all__ = ["ServeConfig", "ServerProcess", "check_config", "model_name", "model_version", "make_infer_func", "serve", "main", "INPUTS", "OUTPUTS"]
 
 log = logging.getLogger(__name__)
+BANNER = "edgead serve:"  # printed once Triton and every model are up and the process supervises tritonserver
 
 # The wire contract (RemoteDetector speaks it): name -> (numpy dtype, shape without the batch axis).
 # A request carries frame_u8 or frame_u16 (N, H, W, C) as the camera delivered them, optional colour order, product
@@ -316,7 +317,7 @@ def serve(cfg: ServeConfig, *, block: bool = True) -> Any:
         raise
     if not block:
         return _Running(server, close_all)
-    print(f"edgead serve: {', '.join(names)} on http://{cfg.host}:{cfg.http_port} grpc :{cfg.grpc_port} metrics :{cfg.metrics_port}", flush=True)
+    print(f"{BANNER} {', '.join(names)} on http://{cfg.host}:{cfg.http_port} grpc :{cfg.grpc_port} metrics :{cfg.metrics_port}", flush=True)
     asked = threading.Event()
 
     def on_signal(*_: object) -> None:
@@ -355,7 +356,8 @@ class ServerProcess:
     """``edgead serve`` in a child process (its own session, so that stopping it stops tritonserver too).
 
     ``python`` is the interpreter of the serve environment (``.venv-serve/bin/python``: PyTriton pins numpy < 2).
-    ``start()`` returns once ``/v2/health/ready`` answers 200 (every model loaded) or raises with the log's tail;
+    ``start()`` returns once ``/v2/health/ready`` answers 200 (every model loaded) and the server printed its banner
+    (it now supervises tritonserver: a crash from then on makes it exit 1), or raises with the log's tail;
     ``kill()`` is a crash (SIGKILL), ``stop()`` a clean shutdown (SIGINT, then SIGKILL after ``grace_s``).
 
     >>> with ServerProcess([".venv-serve/bin/python"], ["bundles/a"], http_port=8000) as srv:  # doctest: +SKIP
@@ -385,12 +387,14 @@ class ServerProcess:
             raise ConfigError(message("ServerProcess", "already running", "a stopped server", "stop() it first"))
         if self._log is None:  # a restart appends to the same log
             self._log = open(self.log_path, "ab+") if self.log_path else tempfile.TemporaryFile()  # noqa: SIM115
+        self._log.seek(0, 2)
+        log_start = self._log.tell()
         self._proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise ConfigError(message("edgead serve", f"exit code {self._proc.returncode}: {self.log_tail()}", "a running server", "read the log above"))
-            if self.ready():
+            if self._banner_since(log_start) and self.ready():
                 return self
             time.sleep(0.25)
         self.kill()
@@ -406,6 +410,11 @@ class ServerProcess:
                 return bool(r.status == 200)
         except (urllib.error.URLError, OSError):
             return False
+
+    def _banner_since(self, offset: int) -> bool:
+        self._log.flush()
+        self._log.seek(offset)
+        return BANNER.encode() in self._log.read()
 
     def log_tail(self, n: int = 2000) -> str:
         if self._log is None:

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import sys
-import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +123,7 @@ def test_engine_entry_is_a_valid_manifest_entry(tmp_path: Path) -> None:
         "device_name": "Orin",
         "max_batch": 16,
         "built_at": "2026-11-23T10:00:00+00:00",
+        "fp32_layers": 0,
     }
 
 
@@ -183,143 +182,49 @@ def test_tensorrt_calls_exist_in_tensorrt_10_api() -> None:
     assert "DEPRECATED" in _class_body(text, "NetworkDefinitionCreationFlag")
 
 
-# --- orchestration, with a recording double in place of TensorRT (not a TensorRT test) ------------
-
-
-class _Rec:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[Any, ...]]] = []
-
-
-def _fake_trt(rec: _Rec, plan: bytes | None) -> types.ModuleType:
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.3.0.30"  # type: ignore[attr-defined]
-
-    class Logger:
-        WARNING = "W"
-
-        def __init__(self, level: str) -> None:
-            pass
-
-    class Tensor:
-        name = "image"
-        shape = (-1, 3, 128, 128)
-
-    class Network:
-        num_inputs = 1
-
-        def get_input(self, i: int) -> Tensor:
-            return Tensor()
-
-    class Parser:
-        num_errors = 0
-
-        def __init__(self, network: Network, logger: Logger) -> None:
-            pass
-
-        def parse_from_file(self, path: str) -> bool:
-            rec.calls.append(("parse", (path,)))
-            return True
-
-    class Cache:
-        def serialize(self) -> bytes:
-            return b"CACHE"
-
-    class Profile:
-        def set_shape(self, *a: Any) -> None:
-            rec.calls.append(("set_shape", a))
-
-    class Config:
-        def set_memory_pool_limit(self, *a: Any) -> None:
-            rec.calls.append(("pool", a))
-
-        def set_flag(self, f: str) -> None:
-            rec.calls.append(("flag", (f,)))
-
-        def add_optimization_profile(self, p: Profile) -> None:
-            pass
-
-        def create_timing_cache(self, blob: bytes) -> Cache:
-            rec.calls.append(("cache_in", (bytes(blob),)))
-            return Cache()
-
-        def set_timing_cache(self, c: Cache, ignore: bool) -> None:
-            pass
-
-        def get_timing_cache(self) -> Cache:
-            return Cache()
-
-    class Builder:
-        platform_has_fast_fp16 = True
-
-        def __init__(self, logger: Logger) -> None:
-            pass
-
-        def create_network(self, flags: int) -> Network:
-            rec.calls.append(("network_flags", (flags,)))
-            return Network()
-
-        def create_builder_config(self) -> Config:
-            return Config()
-
-        def create_optimization_profile(self) -> Profile:
-            return Profile()
-
-        def build_serialized_network(self, n: Network, c: Config) -> bytes | None:
-            return plan
-
-    trt.Logger = Logger  # type: ignore[attr-defined]
-    trt.Builder = Builder  # type: ignore[attr-defined]
-    trt.OnnxParser = Parser  # type: ignore[attr-defined]
-    trt.Dims = tuple  # type: ignore[attr-defined]
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WS")  # type: ignore[attr-defined]
-    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8")  # type: ignore[attr-defined]
-    return trt
+# --- orchestration, on the host-simulated TensorRT of tests/simdevice (the run path is in tests/sdk) ----
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> _Rec:
-    rec = _Rec()
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt(rec, b"PLAN\x00\x01"))
-    monkeypatch.setattr(trt_build, "device_info", lambda device=0: trt_build.DeviceInfo(0, "Orin", "8.7", 1 << 34))
-    return rec
+def sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    import simdevice
+
+    with simdevice.installed(monkeypatch) as s:
+        yield s
 
 
-def test_build_flow_profile_flags_pure_plan_and_timing_cache(fake: _Rec, tmp_path: Path) -> None:
-    onnx_file = tmp_path / "m.onnx"
-    onnx_file.write_bytes(b"onnx")
+def _merged_onnx(tmp_path: Path) -> Path:
+    import tiny_bundle as tb
+
+    return tb.make_bundle(tmp_path / "b") / "model_merged.onnx"
+
+
+def test_build_flow_profile_flags_pure_plan_and_timing_cache(sim: Any, tmp_path: Path) -> None:
+    onnx_file = _merged_onnx(tmp_path)
     cache = tmp_path / "cache.bin"
-    cache.write_bytes(b"OLD")
     meta = build_engine(onnx_file, tmp_path / "out" / "m.engine", precision="fp16", max_batch=8, opt_batch=2, workspace_mb=64, timing_cache=cache)
-    assert (tmp_path / "out" / "m.engine").read_bytes() == b"PLAN\x00\x01"  # pure: nothing prepended
-    assert cache.read_bytes() == b"CACHE"
-    calls = dict((k, v) for k, v in fake.calls)
-    assert calls["network_flags"] == (0,)
-    assert calls["set_shape"] == ("image", (1, 3, 128, 128), (2, 3, 128, 128), (8, 3, 128, 128))
-    assert calls["pool"] == ("WS", 64 << 20)
-    assert calls["cache_in"] == (b"OLD",)
-    assert [v for k, v in fake.calls if k == "flag"] == [("FP16",)]
-    assert (meta.tensorrt_version, meta.compute_capability, meta.device_name, meta.max_batch, meta.bytes) == ("10.3.0.30", "8.7", "Orin", 8, 6)
+    build = sim.trt.builds[-1]
+    assert build["network_flags"] == 0 and build["workspace"] == 64 << 20 and build["timing_cache"]
+    assert build["profile"][0][0] == 1 and build["profile"][1][0] == 2 and build["profile"][2][0] == 8
+    assert cache.is_file() and cache.stat().st_size > 0
+    assert meta.path.read_bytes().startswith(b"EDGEAD-SIM-PLAN")  # pure: the plan as TensorRT wrote it, nothing prepended
+    assert (meta.max_batch, meta.bytes) == (8, meta.path.stat().st_size)
 
 
-def test_build_flow_fp32_sets_no_flag_and_int8_sets_both(fake: _Rec, tmp_path: Path) -> None:
-    onnx_file = tmp_path / "m.onnx"
-    onnx_file.write_bytes(b"onnx")
+def test_build_flow_fp32_sets_no_flag_and_int8_sets_both(sim: Any, tmp_path: Path) -> None:
+    onnx_file = _merged_onnx(tmp_path)
     build_engine(onnx_file, tmp_path / "a.engine", precision="fp32")
-    assert [v for k, v in fake.calls if k == "flag"] == []
+    assert not {"FP16", "INT8"} & set(sim.trt.builds[-1]["flags"])
     build_engine(onnx_file, tmp_path / "b.engine", precision="int8")
-    assert [v for k, v in fake.calls if k == "flag"] == [("FP16",), ("INT8",)]
+    assert {"FP16", "INT8"} <= set(sim.trt.builds[-1]["flags"])
 
 
-def test_failed_build_raises_and_writes_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_failed_build_raises_and_writes_nothing(sim: Any, tmp_path: Path) -> None:
     from edgead.errors import BackendError
 
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt(_Rec(), None))
-    monkeypatch.setattr(trt_build, "device_info", lambda device=0: trt_build.DeviceInfo(0, "Orin", "8.7", 1 << 34))
-    onnx_file = tmp_path / "m.onnx"
-    onnx_file.write_bytes(b"onnx")
+    sim.trt.fail_build = True
     with pytest.raises(BackendError, match="TensorRT build"):
-        build_engine(onnx_file, tmp_path / "m.engine")
+        build_engine(_merged_onnx(tmp_path), tmp_path / "m.engine")
     assert not (tmp_path / "m.engine").exists()
 
 

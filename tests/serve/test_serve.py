@@ -25,7 +25,6 @@ from edgead.remote import RemoteDetector, RemoteError
 from edgead.serve import ServeConfig, ServerProcess, check_config, make_infer_func, model_name, model_version
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "sdk"))
 sys.path.insert(0, str(ROOT / "samples"))
 import tiny_bundle  # noqa: E402
 

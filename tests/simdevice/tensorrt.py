@@ -105,6 +105,7 @@ class SimState:
         self.builds: list[dict[str, Any]] = []
         self.fail_context = False  # create_execution_context returns None (out of device memory)
         self.reject_timing_cache = False  # set_timing_cache returns False (a cache from another device)
+        self.fail_build = False  # build_serialized_network returns None (TensorRT found no implementation)
         self.contexts: list[IExecutionContext] = []
 
 
@@ -299,6 +300,9 @@ class Builder:
         return IOptimizationProfile()
 
     def build_serialized_network(self, network: INetworkDefinition, config: IBuilderConfig) -> IHostMemory | None:
+        if _state().fail_build:
+            self.logger.log(Logger.ERROR, "could not find any implementation for a node (simulated build failure)")
+            return None
         if network.model is None or not config.profiles:
             self.logger.log(Logger.ERROR, "network not parsed or no optimisation profile for a dynamic input")
             return None
