@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from anomalib.data import MVTecAD
+    from anomalib.data import Folder
     from anomalib.engine import Engine
     from anomalib.models import EfficientAd
     from anomalib.utils.path import get_pretrained_weights_dir
@@ -69,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     anomalib_teacher(args.teacher, get_pretrained_weights_dir() / "efficientad_pretrained_weights" / "pretrained_teacher_small.pth")
     work = Path(tempfile.mkdtemp(prefix="peer_anomalib_"))
     imagenet = image_folder(args.imagenet, work / "imagenet")
-    dm = MVTecAD(
-        root=args.data.parent, category=args.data.name, train_batch_size=1, eval_batch_size=8, num_workers=0,
+    # anomalib's MVTecAD reads .png only; Folder takes the same MVTec layout with any image extension
+    defects = sorted(d.name for d in (args.data / "test").iterdir() if d.is_dir() and d.name != "good")
+    masks = [args.data / "ground_truth" / d for d in defects if (args.data / "ground_truth" / d).is_dir()]
+    dm = Folder(
+        name=args.data.name, root=args.data, normal_dir="train/good", normal_test_dir="test/good",
+        abnormal_dir=[f"test/{d}" for d in defects], mask_dir=masks if len(masks) == len(defects) else None,
+        extensions=(".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"), train_batch_size=1, eval_batch_size=8, num_workers=0,
         val_split_mode="from_train", val_split_ratio=0.1, seed=0,
     )
     size = (args.image_size, args.image_size)

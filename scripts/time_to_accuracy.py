@@ -30,10 +30,13 @@ from edgead.datasets import open_dataset, split_train_val
 from edgead.errors import ConfigError, message
 
 
-def curve(run_dir: Path, *, pixel_metrics: bool = True, every: int = 1) -> list[dict[str, Any]]:
-    """One row per snapshot: step, training seconds, image/pixel AUROC, AU-PRO, operating point."""
+def curve(run_dir: Path, *, pixel_metrics: bool = True, every: int = 1, steps: set[int] | None = None) -> list[dict[str, Any]]:
+    """One row per snapshot (every ``every``-th, or those at ``steps``): step, training seconds, image/pixel AUROC,
+    AU-PRO, operating point."""
     run_dir = Path(run_dir)
     snaps = sorted((run_dir / SNAPSHOTS).glob("step_*.pt"))[::every]
+    if steps is not None:
+        snaps = [s for s in snaps if int(s.stem.split("_")[1]) in steps]
     if not snaps:
         raise ConfigError(message("snapshots", f"none in {run_dir / SNAPSHOTS}", "a run trained with --snapshot-every N", "re-train with --snapshot-every 500"))
     config = json.loads((run_dir / CONFIG_FILE).read_text())
@@ -78,11 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--every", type=int, default=1, help="use every k-th snapshot")
+    p.add_argument("--snapshots", default=None, help="only these steps, e.g. 1200,2000")
     p.add_argument("--no-pixel-metrics", action="store_true")
     args = p.parse_args(argv)
     if args.json.is_dir() or not args.json.parent.is_dir():
         raise ConfigError(message("--json", str(args.json), "a file in an existing folder", "pass e.g. --json curve.json"))
-    rows = curve(args.run_dir, pixel_metrics=not args.no_pixel_metrics, every=args.every)
+    try:
+        steps = {int(x) for x in args.snapshots.split(",")} if args.snapshots else None
+    except ValueError:
+        raise ConfigError(message("--snapshots", args.snapshots, "comma-separated step numbers", "e.g. --snapshots 1200,2000")) from None
+    rows = curve(args.run_dir, pixel_metrics=not args.no_pixel_metrics, every=args.every, steps=steps)
     args.json.write_text(json.dumps({"run_dir": str(args.run_dir), "command": " ".join(["python", "scripts/time_to_accuracy.py", *sys.argv[1:]]), "rows": rows}, indent=2))
     return 0
 

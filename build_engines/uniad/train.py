@@ -172,13 +172,16 @@ def train(cfg: UniADConfig, *, resume: bool = False) -> Path:
     """Train one UniAD on the union of ``cfg.data``'s train/good, calibrate each product; return the run dir."""
     from tqdm import tqdm
 
-    cfg.validate()
     out = Path(cfg.out)
+    if not resume:
+        cfg.validate()
     if resume:
         if not (out / CHECKPOINT).is_file():
             raise ConfigError(message("--resume", f"{out} without {CHECKPOINT}", "an interrupted UniAD run", "drop --resume"))
         saved = json.loads((out / "config.json").read_text())
+        budget = cfg.time_budget_s  # the one option a resume may change: how long this session trains
         cfg = UniADConfig(**{f.name: saved[f.name] for f in fields(UniADConfig) if f.name in saved}).validate()
+        cfg.time_budget_s = budget if budget is not None else cfg.time_budget_s
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(message("run directory", f"{out} (exists and is not empty)", "a new or empty directory", "choose another --out or pass --resume"))
     out.mkdir(parents=True, exist_ok=True)
@@ -223,8 +226,10 @@ def train(cfg: UniADConfig, *, resume: bool = False) -> Path:
     t_train = time.perf_counter()
     try:
         while step < cfg.steps and (deadline is None or time.perf_counter() < deadline):
+            # lr / 10 for the last 20 % of the steps, or of this session's time budget when that ends first
+            late = deadline is not None and time.perf_counter() > deadline - (1 - cfg.lr_drop_fraction) * float(cfg.time_budget_s or 0)
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * (0.1 if step >= drop_at else 1.0)
+                g["lr"] = cfg.lr * (0.1 if step >= drop_at or late else 1.0)
             idx = torch.from_numpy(rng.integers(0, len(feats), cfg.batch_size))
             x = feats[idx].float().to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):

@@ -25,7 +25,7 @@ def test_demo_end_to_end_tiny_then_reuse(tmp_path: Path, capsys: pytest.CaptureF
     metrics = json.loads((out / "eval.json").read_text())
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and 0.0 <= metrics["aupro"] <= 1.0
     assert summary["metrics"]["image_auroc"] == metrics["image_auroc"]
-    assert summary["train_config"]["preset"] == "cpu" and summary["train_config"]["steps"] == 2
+    assert summary["train_config"]["preset"] == "demo" and summary["train_config"]["steps"] == 2
     assert summary["train_config"]["image_size"] == 128
     printed = capsys.readouterr().out
     assert "img AUROC" in printed and "overlays" in printed
@@ -66,3 +66,10 @@ def test_demo_exports_and_detector_agrees_with_torch(tmp_path: Path) -> None:
     for row in summary["detector"]:
         assert row["score"] == pytest.approx(row["torch_score"], rel=1e-4, abs=1e-5)
         assert row["decision"] in ("OK", "NG")
+
+
+def test_demo_steps_are_the_demo_presets() -> None:
+    from build_engines.demo import DEMO_STEPS
+    from build_engines.efficientad.train import PRESETS
+
+    assert DEMO_STEPS == PRESETS["demo"]["steps"]

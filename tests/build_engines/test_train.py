@@ -207,7 +207,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(data: Path, out: Path, **kw: object) -> TrainConfig:
-    base: dict = {"preset": "cpu", "teacher": "random", "steps": 4, "val_fraction": 0.34, "checkpoint_every": 2, "seed": 5, "device": "cpu"}
+    base: dict = {"preset": "demo", "teacher": "random", "steps": 4, "val_fraction": 0.34, "checkpoint_every": 2, "seed": 5, "device": "cpu"}
     base.update(kw)
     return TrainConfig(data=str(data), out=str(out), **base)
 

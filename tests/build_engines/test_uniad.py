@@ -156,3 +156,31 @@ def test_a_uniad_bundle_builds_a_tensorrt_engine_and_runs_on_it(run: Path, tmp_p
                 got = [r.score for r in trt.infer_batch(frames, product=product)]
                 ref = [r.score for r in ort.infer_batch(frames, product=product)]
                 np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-3)  # an FP16 body, as on a GPU
+
+
+def test_a_time_budget_ends_a_session_and_resume_continues_with_a_new_budget(products: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget stops training (with the lr drop in its last 20 %); --resume keeps the run's options but takes the
+    new session's budget, and continues from the checkpoint's step."""
+    import json
+
+    from build_engines.uniad import train as ut
+
+    lrs: list[float] = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self: torch.optim.AdamW, *a: object, **k: object) -> object:
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    clock = iter(range(10**6))  # one 'second' per reading of the clock: the budget ends after a few steps
+    monkeypatch.setattr(ut.time, "perf_counter", lambda: float(next(clock)))
+    cfg = ut.UniADConfig(data=[str(products[0])], out=str(tmp_path / "r"), steps=10**6, image_size=128, hidden=16, heads=2,
+                         encoder_layers=1, decoder_layers=1, ffn=16, time_budget_s=20)
+    out = ut.train(cfg)
+    first = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["steps"]
+    assert 0 < first < 20 and lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1e-5)
+    lrs.clear()
+    again = ut.train(ut.UniADConfig(data=[], out=str(out), time_budget_s=40), resume=True)
+    second = json.loads((again / "log.jsonl").read_text().splitlines()[-1])["steps"]
+    assert second > first and len(lrs) == second - first and json.loads((out / "config.json").read_text())["hidden"] == 16

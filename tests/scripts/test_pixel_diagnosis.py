@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "pixel_diagnosis.py"
 def test_edge_merged_variant_is_what_eval_reports(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     data = generate(tmp_path / "data", n_train=5, n_test_good=2, n_test_defect=1, size=128, seed=3)
-    run = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), preset="cpu", teacher="random", steps=3, val_fraction=0.4, device="cpu"))
+    run = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), preset="demo", teacher="random", steps=3, val_fraction=0.4, device="cpu"))
     spec = importlib.util.spec_from_file_location("pixel_diagnosis", SCRIPT)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)

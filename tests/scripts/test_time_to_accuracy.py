@@ -28,7 +28,7 @@ def _load_script() -> object:
 def test_last_snapshot_reproduces_the_finished_run(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     data = generate(tmp_path / "data", n_train=5, n_test_good=2, n_test_defect=1, size=128, seed=3)
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), preset="cpu", teacher="random", steps=3, val_fraction=0.4, snapshot_every=1, device="cpu")
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), preset="demo", teacher="random", steps=3, val_fraction=0.4, snapshot_every=1, device="cpu")
     run = train(cfg)
     mod = _load_script()
     out = tmp_path / "curve.json"
@@ -39,5 +39,9 @@ def test_last_snapshot_reproduces_the_finished_run(tmp_path: Path) -> None:
     final = evaluate_run(run, data, device="cpu", pixel_metrics=False)
     assert rows[-1]["image_auroc"] == pytest.approx(final["image_auroc"], abs=1e-9)
     assert rows[-1]["operating_point"]["threshold"] == pytest.approx(final["threshold"], rel=1e-5)
+    assert mod.main([str(run), "--json", str(out), "--no-pixel-metrics", "--snapshots", "1,3"]) == 0  # type: ignore[attr-defined]
+    assert [r["step"] for r in json.loads(out.read_text())["rows"]] == [1, 3]
     with pytest.raises(ConfigError, match="snapshot"):
         mod.curve(data)  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="--snapshots"):
+        mod.main([str(run), "--json", str(out), "--snapshots", "last"])  # type: ignore[attr-defined]
