@@ -51,7 +51,7 @@ def image_folder(images: Path, root: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="MVTec-layout set (its parent is anomalib's root, its name the category)")
+    p.add_argument("--data", type=Path, required=True, help="MVTec-layout set (read with anomalib's Folder datamodule: train/good, test/<defect>, ground_truth/<defect>)")
     p.add_argument("--teacher", type=Path, required=True)
     p.add_argument("--imagenet", type=Path, required=True, help="folder of generic images for the penalty")
     p.add_argument("--image-size", type=int, default=256)
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     # anomalib's MVTecAD reads .png only; Folder takes the same MVTec layout with any image extension
     defects = sorted(d.name for d in (args.data / "test").iterdir() if d.is_dir() and d.name != "good")
     masks = [args.data / "ground_truth" / d for d in defects if (args.data / "ground_truth" / d).is_dir()]
+    if 0 < len(masks) < len(defects):  # anomalib pairs masks with images by position: all or none
+        raise SystemExit(f"error: {args.data}: masks for {len(masks)} of {len(defects)} defect types; add the missing ground_truth folders or remove them all")
     dm = Folder(
         name=args.data.name, root=args.data, normal_dir="train/good", normal_test_dir="test/good",
         abnormal_dir=[f"test/{d}" for d in defects], mask_dir=masks if len(masks) == len(defects) else None,

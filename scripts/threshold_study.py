@@ -1,8 +1,8 @@
 """Threshold rules side by side: false-reject rate on test goods and escape rate on defects of every rule,
 per data set, from the ``threshold_rules`` of ``edgead eval --json`` reports (or time-to-accuracy rows).
 
-Each rule is fitted on the run's held-out validation-good scores only (never on test images); the table says
-how predictable each rule's false-reject rate is across sets (its nominal rate vs what the test goods show).
+Each rule is fitted on the run's held-out validation-good scores only (never on test images); the table shows
+how far each rule's false-reject rate on test goods varies from set to set (max and mean over the sets).
 
     python scripts/threshold_study.py mtile=runs/mt/eval.json bsdata=runs/bs/eval.json --json study.json
 """
@@ -19,7 +19,10 @@ from edgead.errors import ConfigError, message
 
 def load_rules(path: Path) -> dict[str, Any]:
     """The ``threshold_rules`` of an eval report, or of the last row of a time-to-accuracy report."""
-    report = json.loads(Path(path).read_text())
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(message("report", f"{path}: {e}", "a readable edgead eval JSON", "pass NAME=PATH of an edgead eval --json output")) from None
     if isinstance(report, dict) and "rows" in report:
         report = report["rows"][-1]
     rules = report.get("threshold_rules") if isinstance(report, dict) else None
@@ -30,13 +33,18 @@ def load_rules(path: Path) -> dict[str, Any]:
 
 def study(reports: dict[str, Path]) -> dict[str, Any]:
     per_set = {name: load_rules(path) for name, path in reports.items()}
-    rules = list(next(iter(per_set.values())))
+    rules = list(dict.fromkeys(rule for rules in per_set.values() for rule in rules))
     summary = {}
     for rule in rules:
-        fr = [per_set[s][rule]["false_reject_rate"] for s in per_set if rule in per_set[s]]
-        esc = [per_set[s][rule]["escape_rate"] for s in per_set if rule in per_set[s]]
-        summary[rule] = {"false_reject_rate_max": max(fr), "false_reject_rate_mean": sum(fr) / len(fr), "escape_rate_mean": sum(esc) / len(esc)}
+        fr = [r["false_reject_rate"] for s in per_set.values() if (r := s.get(rule)) and r["false_reject_rate"] is not None]
+        esc = [r["escape_rate"] for s in per_set.values() if (r := s.get(rule)) and r["escape_rate"] is not None]
+        summary[rule] = {"false_reject_rate_max": max(fr, default=None), "false_reject_rate_mean": sum(fr) / len(fr) if fr else None,
+                         "escape_rate_mean": sum(esc) / len(esc) if esc else None}
     return {"sets": {k: str(v) for k, v in reports.items()}, "per_set": per_set, "summary": summary}
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
 
 
 def format_study(result: dict[str, Any]) -> str:
@@ -46,8 +54,8 @@ def format_study(result: dict[str, Any]) -> str:
         cells = []
         for s in sets:
             r = result["per_set"][s].get(rule)
-            cells.append("-" if r is None else f"{100 * r['false_reject_rate']:.1f} % / {100 * r['escape_rate']:.1f} %")
-        lines.append(f"| `{rule}` | " + " | ".join(cells) + f" | {100 * summ['false_reject_rate_max']:.1f} % | {100 * summ['escape_rate_mean']:.1f} % |")
+            cells.append("-" if r is None else f"{_pct(r['false_reject_rate'])} / {_pct(r['escape_rate'])}")
+        lines.append(f"| `{rule}` | " + " | ".join(cells) + f" | {_pct(summ['false_reject_rate_max'])} | {_pct(summ['escape_rate_mean'])} |")
     return "\n".join(lines)
 
 
@@ -59,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     reports = {}
     for item in a.reports:
         name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"error: {item!r}: expected NAME=PATH, e.g. mtile=runs/mt/eval.json")
+        if not sep or not name or not path or name in reports:
+            raise ConfigError(message("report", repr(item), "NAME=PATH with a NAME used once", "e.g. mtile=runs/mt/eval.json bsdata=runs/bs/eval.json"))
         reports[name] = Path(path)
     result = study(reports)
     print(format_study(result))

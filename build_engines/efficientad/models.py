@@ -37,7 +37,7 @@ OUT_CHANNELS = 384
 def check_image_size(image_size: int) -> int:
     """Input side length must be a multiple of 64, at least 128 (the autoencoder halves it 5 times)."""
     if not isinstance(image_size, int) or image_size < 128 or image_size % 64:
-        raise ConfigError(message("image_size", image_size, "a multiple of 64 that is >= 128", "use 256 (paper) or 128 (fast CPU preset)"))
+        raise ConfigError(message("image_size", image_size, "a multiple of 64 that is >= 128", "use 256 (paper, cpu preset) or 128 (demo preset)"))
     return image_size
 
 

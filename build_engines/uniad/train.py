@@ -2,7 +2,8 @@
 
 The backbone is frozen, so its feature grid of every training image is computed once (``StageGrid``, cached in
 the run folder); the transformer then trains on the cache: AdamW (lr 1e-4, weight decay 1e-4), gradient norm
-clipped at 0.1, lr x 0.1 at 80 % of the steps, feature jitter, MSE reconstruction loss, bf16 autocast on CPU.
+clipped at 0.1, lr x 0.1 at 80 % of the steps (or for the last 20 % of a session's ``--time-budget-s``: each
+resumed session anneals again, so prefer one long session), feature jitter, MSE reconstruction loss, bf16 autocast on CPU.
 Several data sets (``--data DIR1 DIR2 ...``, one product each, named by their folder) train one model on the
 union of their train/good images; each product is calibrated on its own held-out good images: the quantiles of
 its raw maps (qa 0.9 / qb 0.995, as EfficientAD) and its image threshold.
@@ -92,6 +93,8 @@ class UniADConfig:
         for name in ("steps", "batch_size", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(message(f"--{name.replace('_', '-')}", getattr(self, name), "an integer >= 1", "use the default"))
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ConfigError(message("--time-budget-s", self.time_budget_s, "a number of seconds > 0", "omit it to train all --steps"))
         names = [Path(d).name for d in self.data]
         if len(set(names)) != len(names):
             raise ConfigError(message("--data", names, "folders with distinct names (each names a product)", "rename or link the folders"))
@@ -180,8 +183,9 @@ def train(cfg: UniADConfig, *, resume: bool = False) -> Path:
             raise ConfigError(message("--resume", f"{out} without {CHECKPOINT}", "an interrupted UniAD run", "drop --resume"))
         saved = json.loads((out / "config.json").read_text())
         budget = cfg.time_budget_s  # the one option a resume may change: how long this session trains
-        cfg = UniADConfig(**{f.name: saved[f.name] for f in fields(UniADConfig) if f.name in saved}).validate()
+        cfg = UniADConfig(**{f.name: saved[f.name] for f in fields(UniADConfig) if f.name in saved})
         cfg.time_budget_s = budget if budget is not None else cfg.time_budget_s
+        cfg.validate()
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(message("run directory", f"{out} (exists and is not empty)", "a new or empty directory", "choose another --out or pass --resume"))
     out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold", default="max")
-    p.add_argument("--time-budget-s", type=float, default=None)
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="stop this session after S seconds of training (lr / 10 in its last 20 %%); --resume may give a new budget")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4, help="encoder and decoder layers each")
     p.add_argument("--resume", action="store_true")

@@ -18,8 +18,10 @@ docs/serving.md).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -387,8 +389,9 @@ class ServerProcess:
             raise ConfigError(message("ServerProcess", "already running", "a stopped server", "stop() it first"))
         if self._log is None:  # a restart appends to the same log
             self._log = open(self.log_path, "ab+") if self.log_path else tempfile.TemporaryFile()  # noqa: SIM115
-        self._log.seek(0, 2)
-        log_start = self._log.tell()
+            fd = self._log.fileno()  # O_APPEND: the child always writes at the end, whatever this side reads
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        log_start = os.fstat(self._log.fileno()).st_size
         self._proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -411,19 +414,21 @@ class ServerProcess:
         except (urllib.error.URLError, OSError):
             return False
 
+    def _read_log(self, offset: int) -> bytes:
+        """The log from ``offset`` on, read without moving the file offset the child shares."""
+        fd = self._log.fileno()
+        return os.pread(fd, max(0, os.fstat(fd).st_size - offset), offset)
+
     def _banner_since(self, offset: int) -> bool:
-        self._log.flush()
-        self._log.seek(offset)
-        return BANNER.encode() in self._log.read()
+        # this server's own banner (argparse's "edgead serve: error: ..." does not name the port)
+        mine = f":{self.http_port} grpc :".encode()
+        return any(line.startswith(BANNER.encode()) and mine in line for line in self._read_log(offset).splitlines())
 
     def log_tail(self, n: int = 2000) -> str:
         if self._log is None:
             return ""
-        self._log.flush()
-        self._log.seek(0, 2)
-        size = self._log.tell()
-        self._log.seek(max(0, size - n))
-        return self._log.read().decode(errors="replace")
+        size = os.fstat(self._log.fileno()).st_size
+        return self._read_log(max(0, size - n)).decode(errors="replace")
 
     @property
     def pid(self) -> int | None:
@@ -456,8 +461,6 @@ class ServerProcess:
         return int(self._proc.returncode)
 
     def _signal(self, sig: int) -> None:
-        import os
-
         if self._proc is not None and self._proc.poll() is None:
             try:
                 os.killpg(self._proc.pid, sig)

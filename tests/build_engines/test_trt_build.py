@@ -204,11 +204,12 @@ def test_build_flow_profile_flags_pure_plan_and_timing_cache(sim: Any, tmp_path:
     cache = tmp_path / "cache.bin"
     meta = build_engine(onnx_file, tmp_path / "out" / "m.engine", precision="fp16", max_batch=8, opt_batch=2, workspace_mb=64, timing_cache=cache)
     build = sim.trt.builds[-1]
-    assert build["network_flags"] == 0 and build["workspace"] == 64 << 20 and build["timing_cache"]
+    assert build["network_flags"] == 0 and build["workspace"] == 64 << 20 and build["timing_cache"] and "FP16" in build["flags"]
     assert build["profile"][0][0] == 1 and build["profile"][1][0] == 2 and build["profile"][2][0] == 8
     assert cache.is_file() and cache.stat().st_size > 0
     assert meta.path.read_bytes().startswith(b"EDGEAD-SIM-PLAN")  # pure: the plan as TensorRT wrote it, nothing prepended
     assert (meta.max_batch, meta.bytes) == (8, meta.path.stat().st_size)
+    assert (meta.tensorrt_version, meta.compute_capability) == ("10.13.0.35", "8.7") and meta.device_name  # from TensorRT and the device
 
 
 def test_build_flow_fp32_sets_no_flag_and_int8_sets_both(sim: Any, tmp_path: Path) -> None:

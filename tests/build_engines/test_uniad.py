@@ -183,4 +183,6 @@ def test_a_time_budget_ends_a_session_and_resume_continues_with_a_new_budget(pro
     lrs.clear()
     again = ut.train(ut.UniADConfig(data=[], out=str(out), time_budget_s=40), resume=True)
     second = json.loads((again / "log.jsonl").read_text().splitlines()[-1])["steps"]
-    assert second > first and len(lrs) == second - first and json.loads((out / "config.json").read_text())["hidden"] == 16
+    assert len(lrs) == second - first and json.loads((out / "config.json").read_text())["hidden"] == 16
+    assert second - first > 1.5 * first  # the new session's 40 s budget, not the saved 20 s
+    assert lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1e-5)

@@ -45,3 +45,5 @@ def test_last_snapshot_reproduces_the_finished_run(tmp_path: Path) -> None:
         mod.curve(data)  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match="--snapshots"):
         mod.main([str(run), "--json", str(out), "--snapshots", "last"])  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"\[1, 2, 3\]"):  # a step without a snapshot names the ones there are
+        mod.main([str(run), "--json", str(out), "--snapshots", "2,5"])  # type: ignore[attr-defined]
