@@ -9,7 +9,8 @@ Two things are fitted, both from normal images only:
   ``edgead.postprocess.merge_maps`` (the runtime's definition; with a tiling, an image's score is the
   max over its tiles). Methods: ``"max"`` (no validation image is flagged), ``"quantile:Q"`` (e.g.
   ``"quantile:0.99"``: about 1 - Q of good parts rejected) or ``"sigma:K"`` (mean + K standard
-  deviations). The validation scores are kept in the run, so ``edgead eval`` can show every rule's
+  deviations). The default, ``DEFAULT_THRESHOLD = "quantile:0.99"``, was chosen on the real sets for the most
+  predictable false-reject rate (docs/results.md, section 7). The validation scores are kept in the run, so ``edgead eval`` can show every rule's
   operating point without recomputing anything.
 """
 
@@ -27,13 +28,14 @@ from edgead.postprocess import EfficientADPost, QuantileAffine, efficientad_maps
 from .efficientad.models import EfficientAD
 from .efficientad.run import Calibration
 
-__all__ = ["QA", "QB", "THRESHOLD_METHODS", "model_maps", "fit_quantiles", "fit_threshold", "frame_scores", "calibrate"]
+__all__ = ["QA", "QB", "THRESHOLD_METHODS", "DEFAULT_THRESHOLD", "model_maps", "fit_quantiles", "fit_threshold", "frame_scores", "calibrate"]
 
 log = logging.getLogger(__name__)
 
 QA = 0.9
 QB = 0.995
 THRESHOLD_METHODS = ("max", "quantile:Q", "sigma:K")
+DEFAULT_THRESHOLD = "quantile:0.99"  # about 1 % of good parts rejected (docs/results.md, section 7)
 
 
 @torch.no_grad()
@@ -152,7 +154,7 @@ def calibrate(
     *,
     qa: float = QA,
     qb: float = QB,
-    threshold_method: str = "max",
+    threshold_method: str = DEFAULT_THRESHOLD,
     batch_size: int = 8,
     device: str = "cpu",
     groups: np.ndarray | None = None,

@@ -132,3 +132,13 @@ def test_model_maps_are_the_maps_of_the_whole_outputs_batch_by_batch() -> None:
         local, glob = model_maps(model, x, batch_size=batch)
         np.testing.assert_allclose(local, ref_local, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(glob, ref_glob, rtol=1e-5, atol=1e-6)
+
+
+def test_the_default_threshold_rule_is_the_documented_quantile() -> None:
+    from build_engines.calibrate import DEFAULT_THRESHOLD
+    from build_engines.efficientad.train import TrainConfig
+    from build_engines.uniad.train import UniADConfig
+
+    assert DEFAULT_THRESHOLD == "quantile:0.99"
+    assert TrainConfig(data="d", out="o").threshold_method == DEFAULT_THRESHOLD
+    assert UniADConfig(data=["d"], out="o").threshold_method == DEFAULT_THRESHOLD

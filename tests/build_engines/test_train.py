@@ -241,8 +241,8 @@ def test_tiny_run_writes_a_complete_loadable_run_dir(full_run: Path, data: Path)
     np.testing.assert_allclose([cal.qa_ae, cal.qb_ae], np.quantile(glob.astype(np.float64), [0.9, 0.995]), rtol=1e-4)
     merged = 0.5 * 0.1 * (local - cal.qa_st) / (cal.qb_st - cal.qa_st) + 0.5 * 0.1 * (glob - cal.qa_ae) / (cal.qb_ae - cal.qa_ae)
     scores = merged.reshape(len(val_paths), -1).max(axis=1)  # edge padding adds no value
-    assert cal.threshold == pytest.approx(float(scores.max()), rel=1e-4)
-    assert cal.threshold_method.startswith("max of 2")
+    assert cal.threshold == pytest.approx(float(np.quantile(scores.astype(np.float64), 0.99)), rel=1e-4)  # the default rule
+    assert cal.threshold_method.startswith("quantile 0.99 (linear) of 2")
 
 
 def test_teacher_statistics_are_channel_mean_and_std_of_the_training_images(full_run: Path, data: Path) -> None:
