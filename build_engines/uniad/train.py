@@ -75,7 +75,7 @@ class UniADConfig:
     device: str = "cpu"
     amp: bool = True
     pool: int = 16  # image score: max of the pool x pool average-pooled map (reference protocol)
-    threshold_method: str = "quantile:0.99"  # = calibrate.DEFAULT_THRESHOLD
+    threshold_method: str = "sigma:4"  # = calibrate.DEFAULT_THRESHOLD
     checkpoint_every: int = 250
     time_budget_s: float | None = None
     family: str = "uniad"
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold", default="quantile:0.99", help="image threshold per product from its validation-good scores: quantile:Q | max | sigma:K")
+    p.add_argument("--threshold", default="sigma:4", help="image threshold per product from its validation-good scores: sigma:K (default sigma:4) | quantile:Q | max")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop this session after S seconds of training (lr / 10 in its last 20 %%); --resume may give a new budget")
     p.add_argument("--hidden", type=int, default=256)

@@ -139,6 +139,6 @@ def test_the_default_threshold_rule_is_the_documented_quantile() -> None:
     from build_engines.efficientad.train import TrainConfig
     from build_engines.uniad.train import UniADConfig
 
-    assert DEFAULT_THRESHOLD == "quantile:0.99"
+    assert DEFAULT_THRESHOLD == "sigma:4"
     assert TrainConfig(data="d", out="o").threshold_method == DEFAULT_THRESHOLD
     assert UniADConfig(data=["d"], out="o").threshold_method == DEFAULT_THRESHOLD

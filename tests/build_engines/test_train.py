@@ -241,8 +241,9 @@ def test_tiny_run_writes_a_complete_loadable_run_dir(full_run: Path, data: Path)
     np.testing.assert_allclose([cal.qa_ae, cal.qb_ae], np.quantile(glob.astype(np.float64), [0.9, 0.995]), rtol=1e-4)
     merged = 0.5 * 0.1 * (local - cal.qa_st) / (cal.qb_st - cal.qa_st) + 0.5 * 0.1 * (glob - cal.qa_ae) / (cal.qb_ae - cal.qa_ae)
     scores = merged.reshape(len(val_paths), -1).max(axis=1)  # edge padding adds no value
-    assert cal.threshold == pytest.approx(float(np.quantile(scores.astype(np.float64), 0.99)), rel=1e-4)  # the default rule
-    assert cal.threshold_method.startswith("quantile 0.99 (linear) of 2")
+    s64 = scores.astype(np.float64)
+    assert cal.threshold == pytest.approx(float(s64.mean() + 4 * s64.std()), rel=1e-4)  # the default rule, sigma:4
+    assert cal.threshold_method.startswith("mean + 4 std of 2")
 
 
 def test_teacher_statistics_are_channel_mean_and_std_of_the_training_images(full_run: Path, data: Path) -> None:
@@ -348,7 +349,8 @@ def test_tiled_training_calibrates_per_image_and_the_detector_reproduces_it(tmp_
     frames = [read_image(p) for p in val_paths]
     _, torch_scores = predict(run.model, run.post, frames, tiling=run.tiling)
     np.testing.assert_allclose(cal.validation_scores, torch_scores, rtol=1e-4)
-    assert cal.threshold == pytest.approx(max(cal.validation_scores), rel=1e-6)
+    v = np.asarray(cal.validation_scores, np.float64)
+    assert cal.threshold == pytest.approx(float(v.mean() + 4 * v.std()), rel=1e-6)  # per-image scores, the default sigma:4
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step_000001.pt", "step_000002.pt"]
 
     bundle = export_bundle(out, tmp_path / "bundle", variants=("merged",))
