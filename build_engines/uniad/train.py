@@ -176,8 +176,6 @@ def train(cfg: UniADConfig, *, resume: bool = False) -> Path:
     from tqdm import tqdm
 
     out = Path(cfg.out)
-    if not resume:
-        cfg.validate()
     if resume:
         if not (out / CHECKPOINT).is_file():
             raise ConfigError(message("--resume", f"{out} without {CHECKPOINT}", "an interrupted UniAD run", "drop --resume"))
@@ -186,8 +184,10 @@ def train(cfg: UniADConfig, *, resume: bool = False) -> Path:
         cfg = UniADConfig(**{f.name: saved[f.name] for f in fields(UniADConfig) if f.name in saved})
         cfg.time_budget_s = budget if budget is not None else cfg.time_budget_s
         cfg.validate()
-    elif out.exists() and any(out.iterdir()):
-        raise ConfigError(message("run directory", f"{out} (exists and is not empty)", "a new or empty directory", "choose another --out or pass --resume"))
+    else:
+        cfg.validate()
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(message("run directory", f"{out} (exists and is not empty)", "a new or empty directory", "choose another --out or pass --resume"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
