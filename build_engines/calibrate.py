@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 QA = 0.9
 QB = 0.995
 THRESHOLD_METHODS = ("max", "quantile:Q", "sigma:K")
-DEFAULT_THRESHOLD = "sigma:4"  # mean + 4 std: at most 1.6 % of good parts rejected on the measured sets (docs/results.md, section 7)
+DEFAULT_THRESHOLD = "sigma:4"  # mean + 4 std: the most predictable false-reject rate on the measured sets (docs/results.md, section 7)
 
 
 @torch.no_grad()
