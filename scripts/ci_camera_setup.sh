@@ -11,7 +11,7 @@ PACKAGES=(aravis-tools gir1.2-aravis-0.8 libgirepository1.0-dev libcairo2-dev pk
 
 missing=()
 for p in "${PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep "install ok installed" >/dev/null || missing+=("$p")
 done
 if [ "${#missing[@]}" -eq 0 ]; then
     echo "ci_camera_setup: all camera packages present"

@@ -12,7 +12,10 @@ skip() {
   exit 0
 }
 [ "$(uname -m)" = x86_64 ] || [ "$(uname -m)" = aarch64 ] || skip "nvidia-pytriton has wheels for x86_64 and aarch64 only"
-glibc="$(ldd --version 2>/dev/null | head -1 | grep -oE '[0-9]+\.[0-9]+$' || echo 0.0)"
+# sed reads all of ldd's output: `head -1` could close the pipe early, and with pipefail the SIGPIPE'd ldd
+# turned a good "2.36" into "2.36\n0.0" (the serve environment was then skipped at random)
+glibc="$(ldd --version 2>/dev/null | sed -nE '1s/.* ([0-9]+\.[0-9]+)$/\1/p')"
+glibc="${glibc:-0.0}"
 [ "$(printf '%s\n2.35\n' "$glibc" | sort -V | head -1)" = 2.35 ] || skip "glibc $glibc < 2.35 (Triton 2.51 needs 2.35+: Ubuntu 22.04, Debian 12 or newer)"
 [ -x "$PY" ] || skip "no system Python at $PY (make serve-venv SERVE_PYTHON=/usr/bin/python3.X)"
 "$PY" -c 'import sys, venv, ensurepip; assert (3, 8) <= sys.version_info[:2] <= (3, 12)' 2>/dev/null \
