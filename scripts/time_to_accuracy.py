@@ -34,13 +34,10 @@ def curve(run_dir: Path, *, pixel_metrics: bool = True, every: int = 1, steps: s
     """One row per snapshot (every ``every``-th, or those at ``steps``): step, training seconds, image/pixel AUROC,
     AU-PRO, operating point."""
     run_dir = Path(run_dir)
-    snaps = sorted((run_dir / SNAPSHOTS).glob("step_*.pt"))
-    if steps is not None:
-        have = {int(s.stem.split("_")[1]) for s in snaps}
-        if missing := sorted(steps - have):
-            raise ConfigError(message("--snapshots", missing, f"steps with a snapshot in {run_dir / SNAPSHOTS}: {sorted(have)}", "pick from those steps"))
-        snaps = [s for s in snaps if int(s.stem.split("_")[1]) in steps]
-    snaps = snaps[::every]
+    by_step = {int(p.stem.split("_")[1]): p for p in (run_dir / SNAPSHOTS).glob("step_*.pt")}
+    if steps is not None and (missing := sorted(steps - set(by_step))):
+        raise ConfigError(message("--snapshots", missing, f"steps with a snapshot in {run_dir / SNAPSHOTS}: {sorted(by_step)}", "pick from those steps"))
+    snaps = [by_step[s] for s in sorted(by_step) if steps is None or s in steps][::every]
     if not snaps:
         raise ConfigError(message("snapshots", f"none in {run_dir / SNAPSHOTS}", "a run trained with --snapshot-every N", "re-train with --snapshot-every 500"))
     config = json.loads((run_dir / CONFIG_FILE).read_text())
@@ -75,7 +72,7 @@ def curve(run_dir: Path, *, pixel_metrics: bool = True, every: int = 1, steps: s
             }
         )
         print(json.dumps({k: rows[-1][k] for k in ("step", "train_s", "image_auroc", "pixel_auroc", "aupro")}), flush=True)
-    if final is not None and rows[-1]["step"] == max(int(s.stem.split("_")[1]) for s in (run_dir / SNAPSHOTS).glob("step_*.pt")):
+    if final is not None and rows[-1]["step"] == max(by_step):
         rows[-1]["final_threshold"] = final.calibration.threshold
     return rows
 

@@ -52,7 +52,7 @@ from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare, resize_image
 from edgead.registry import FAMILIES, check_choice
 from edgead.tiling import Tiling
 
-from ..calibrate import QA, QB, calibrate, parse_threshold_method
+from ..calibrate import DEFAULT_THRESHOLD, QA, QB, calibrate, parse_threshold_method
 from ..devices import DEVICES, resolve_device
 from .models import EfficientAD, check_image_size, feature_size, pdn
 from .run import CONFIG_FILE, save_calibration, save_model
@@ -101,7 +101,7 @@ class TrainConfig:
     p_hard: float = 0.999
     qa: float = QA
     qb: float = QB
-    threshold_method: str = "sigma:4"  # = calibrate.DEFAULT_THRESHOLD
+    threshold_method: str = DEFAULT_THRESHOLD
     amp: bool = True  # mixed precision: fp16 autocast on CUDA, bf16 autocast on CPU (AVX-512 BF16: ~3x faster here)
     checkpoint_every: int | None = None
     log_every: int | None = None
@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threshold", default="sigma:4", help="image threshold from validation-good scores: sigma:K (mean + K std, default sigma:4) | quantile:Q | max")
+    p.add_argument("--threshold", default=DEFAULT_THRESHOLD, help=f"image threshold from validation-good scores: sigma:K (mean + K std) | quantile:Q | max (default {DEFAULT_THRESHOLD})")
     p.add_argument("--checkpoint-every", type=_positive_int)
     p.add_argument("--stop-after", type=_positive_int, help="checkpoint and exit after this step (continue with --resume)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (default: fp16 autocast on CUDA, bf16 autocast on CPU)")

@@ -35,7 +35,7 @@ from edgead.errors import ConfigError, DataError, message
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 
 from ..backbones import BACKBONES, StageGrid, load_backbone, parse_stages
-from ..calibrate import QA, QB, fit_threshold, parse_threshold_method
+from ..calibrate import DEFAULT_THRESHOLD, QA, QB, fit_threshold, parse_threshold_method
 from ..devices import resolve_device
 from .model import UniAD, anomaly_map, image_score
 
@@ -75,7 +75,7 @@ class UniADConfig:
     device: str = "cpu"
     amp: bool = True
     pool: int = 16  # image score: max of the pool x pool average-pooled map (reference protocol)
-    threshold_method: str = "sigma:4"  # = calibrate.DEFAULT_THRESHOLD
+    threshold_method: str = DEFAULT_THRESHOLD
     checkpoint_every: int = 250
     time_budget_s: float | None = None
     family: str = "uniad"
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold", default="sigma:4", help="image threshold per product from its validation-good scores: sigma:K (default sigma:4) | quantile:Q | max")
+    p.add_argument("--threshold", default=DEFAULT_THRESHOLD, help=f"image threshold per product from its validation-good scores: sigma:K | quantile:Q | max (default {DEFAULT_THRESHOLD})")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop this session after S seconds of training (lr / 10 in its last 20 %%); --resume may give a new budget")
     p.add_argument("--hidden", type=int, default=256)

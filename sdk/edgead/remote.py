@@ -144,9 +144,12 @@ class RemoteDetector:
         self._server_exception = InferenceServerException
         return module
 
+    def _client_key(self) -> int:
+        return 0 if self._protocol == "grpc" else threading.get_ident()
+
     def _client(self) -> Any:
         """This thread's HTTP connection (gevent-based: it stays on its thread), or the shared gRPC client."""
-        key = 0 if self._protocol == "grpc" else threading.get_ident()
+        key = self._client_key()
         with self._clients_lock:
             if self._closed:
                 raise ConfigError(message("RemoteDetector", "a closed detector", "an open one", "create a new RemoteDetector"))
@@ -164,9 +167,8 @@ class RemoteDetector:
 
     def _drop_client(self) -> None:
         """Forget this thread's connection (a restarted server leaves it dead); the next call opens a new one."""
-        key = 0 if self._protocol == "grpc" else threading.get_ident()
         with self._clients_lock:
-            client = self._clients.pop(key, None)
+            client = self._clients.pop(self._client_key(), None)
         if client is not None:
             _close_quietly(client)
 

@@ -134,7 +134,7 @@ def test_model_maps_are_the_maps_of_the_whole_outputs_batch_by_batch() -> None:
         np.testing.assert_allclose(glob, ref_glob, rtol=1e-5, atol=1e-6)
 
 
-def test_the_default_threshold_rule_is_the_documented_quantile() -> None:
+def test_the_default_threshold_rule_is_the_documented_one() -> None:
     from build_engines.calibrate import DEFAULT_THRESHOLD
     from build_engines.efficientad.train import TrainConfig
     from build_engines.uniad.train import UniADConfig
