@@ -276,7 +276,7 @@ def export_bundle(
     if _run_family(run_dir) == "uniad":
         from build_engines.uniad.export import export_uniad_bundle
 
-        return export_uniad_bundle(run_dir, out_dir, opset=opset, overwrite=overwrite)
+        return export_uniad_bundle(run_dir, out_dir, opset=opset, overwrite=overwrite, int8_calibration=int8_calibration, int8_images=int8_images, int8_target=int8_target)
     run = load_run(run_dir)
     model = run.model.eval()
     post = run.post

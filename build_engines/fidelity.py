@@ -50,8 +50,11 @@ def compare_precisions(
     *,
     threads: int | None = None,
     max_images: int | None = None,
+    product: str | None = None,
 ) -> dict[str, Any]:
     """Image AUROC and score fidelity of each (backend, precision) candidate against ONNX Runtime FP32.
+
+    ``product``: the product of a multi-product (UniAD) bundle the set shows; default: the set's folder name.
 
     >>> compare_precisions("bundles/line3", "/data/line3", [("openvino", "bf16")])  # doctest: +SKIP
     {'n': 300, 'reference': {...}, 'candidates': {'openvino/bf16': {'auroc': 0.97, 'delta_points': -0.02, ...}}}
@@ -59,6 +62,7 @@ def compare_precisions(
     from edgead import Detector
     from edgead.datasets import image_color, open_dataset, read_image
     from edgead.metrics import image_auroc
+    from edgead.registry import check_choice
 
     from .quantize import rank_correlation
 
@@ -68,21 +72,30 @@ def compare_precisions(
         samples = [samples[i] for i in sorted(idx)]
     labels = [s.label for s in samples]
     keys = ["onnxruntime/fp32"] + [f"{b}/{p}" for b, p in candidates]
-    dets = [Detector(bundle, backend=k.split("/")[0], precision=k.split("/")[1], threads=threads) for k in keys]
+    dets: list[Detector] = []
+    try:
+        for k in keys:
+            dets.append(Detector(bundle, backend=k.split("/")[0], precision=k.split("/")[1], threads=threads))
+        if dets[0].products:  # a multi-product bundle: the set shows one of its products
+            product = check_choice("product", product or Path(dataset).name, dets[0].products)
+    except BaseException:
+        for det in dets:
+            det.close()
+        raise
     scores: dict[str, list[float]] = {k: [] for k in keys}
     t0 = time.perf_counter()
     try:
         for s in samples:  # each image read and prepared once, scored by all
             frame = read_image(s.path)
             for k, det in zip(keys, dets, strict=True):
-                scores[k].append(det.infer(frame, color=image_color(frame), map_size="model").score)
+                scores[k].append(det.infer(frame, color=image_color(frame), map_size="model", product=product).score)
         devices = {k: det.device for k, det in zip(keys, dets, strict=True)}
     finally:
         for det in dets:
             det.close()
     ref = np.asarray(scores[keys[0]])
     both = 0 < sum(labels) < len(labels)
-    out: dict[str, Any] = {"n": len(samples), "dataset": str(dataset), "seconds": round(time.perf_counter() - t0, 1),
+    out: dict[str, Any] = {"n": len(samples), "dataset": str(dataset), "product": product, "seconds": round(time.perf_counter() - t0, 1),
                            "reference": {"key": keys[0], "auroc": float(image_auroc(labels, ref)) if both else None, "device": devices[keys[0]]}, "candidates": {}}
     for k in keys[1:]:
         got = np.asarray(scores[k])
@@ -110,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidate", action="append", required=True, help="BACKEND/PRECISION, e.g. openvino/bf16 (repeatable)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--product", default=None, help="the product the set shows, for a multi-product (UniAD) bundle (default: the set's folder name)")
     p.add_argument("--record", action="store_true", help="allow backend='auto' to use each candidate that meets the goals (manifest cpu_precisions)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     candidates = [parse_candidate(c) for c in args.candidate]
-    report = compare_precisions(args.bundle, args.dataset, candidates, threads=args.threads, max_images=args.max_images)
+    report = compare_precisions(args.bundle, args.dataset, candidates, threads=args.threads, max_images=args.max_images, product=args.product)
     report["goals"] = GOALS
     report["command"] = "edgead fidelity " + " ".join(argv if argv is not None else [])
     recorded = []

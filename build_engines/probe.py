@@ -11,6 +11,8 @@ Extractors (``--extractor``, repeatable):
 * ``target[:BACKBONE[:STAGES]]``: the distillation target (``backbones.PatchFeatures``), e.g.
   ``target``, ``target:efficientnet-lite1:2,3``; the backbone sees the image at ``input_scale`` x
   the model size so that its grid equals the PDN's.
+* ``grid[:BACKBONE[:STAGES]]``: UniAD's input (``backbones.StageGrid``: the stages resized to one stride-16 grid
+  and concatenated), to choose UniAD's backbone and stages; ``--image-size`` a multiple of 16 (UniAD: 224).
 * ``teacher[:PATH]``: an unpadded PDN teacher file (default: the embedded one).
 * ``random``: a randomly initialised unpadded PDN-S (a new one per seed; the other extractors have fixed
   weights, their features are extracted once and only the coreset changes with the seed).
@@ -48,7 +50,7 @@ from edgead.postprocess import resize_bilinear
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 from edgead.tiling import Tiling
 
-from .backbones import BACKBONES, PatchFeatures, load_backbone, parse_stages
+from .backbones import BACKBONES, PatchFeatures, StageGrid, load_backbone, parse_stages
 from .efficientad.models import check_image_size, pdn
 from .efficientad.teacher import load_teacher
 
@@ -64,7 +66,7 @@ class Extractor:
     """A feature function on prepared images and how its grid sits in the image.
 
     ``forward(images)`` takes a list of frames and returns (N, C, h, w) features; ``pad`` cells
-    on each side complete the grid to ``image_size / 4`` (4 for an unpadded PDN, 0 for the target).
+    on each side complete the grid to cover the image (4 for an unpadded PDN, 0 for the target and the grid).
     """
 
     name: str
@@ -93,9 +95,20 @@ def parse_extractor(spec: str, image_size: int, seed: int = 0) -> Extractor:
     >>> parse_extractor("random", 128).pad
     4
     """
-    check_image_size(image_size)
     kind, _, rest = str(spec).partition(":")
     kind = kind.strip().lower()
+    if kind == "grid":
+        backbone_name, stages_text = _lite_backbone(rest)
+        grid = StageGrid(load_backbone(backbone_name), parse_stages(stages_text) if stages_text else (2, 3, 4, 5)).eval()
+        if image_size < grid.stride or image_size % grid.stride:
+            raise ConfigError(message("--image-size", image_size, f"a multiple of the grid stride {grid.stride}", "use 224 (UniAD)"))
+
+        @torch.no_grad()
+        def grid_forward(frames: list[np.ndarray]) -> torch.Tensor:
+            return grid(_prepared(frames, image_size))
+
+        return Extractor(f"grid {backbone_name} stages {','.join(map(str, grid.stages))}", image_size, grid_forward, pad=0)
+    check_image_size(image_size)
     if kind == "random":
         torch.manual_seed(seed)
         return _pdn_extractor(f"random PDN-S (seed {seed})", pdn("s", padding=False), image_size)
@@ -103,10 +116,7 @@ def parse_extractor(spec: str, image_size: int, seed: int = 0) -> Extractor:
         weights = rest or "default"
         return _pdn_extractor(f"teacher {weights}", load_teacher("s", weights), image_size)
     if kind == "target":
-        backbone_name, _, stages_text = rest.partition(":")
-        backbone_name = backbone_name or "efficientnet-lite0"
-        if backbone_name not in BACKBONES or backbone_name == "wide_resnet101_2":
-            raise ConfigError(message("probe backbone", repr(backbone_name), "an offline Lite backbone: " + ", ".join(b for b in BACKBONES if "lite" in b), "e.g. target:efficientnet-lite0:3,4,5"))
+        backbone_name, stages_text = _lite_backbone(rest)
         features = PatchFeatures(load_backbone(backbone_name), seed=0, stages=parse_stages(stages_text) if stages_text else None).eval()
         size = image_size * features.input_scale
 
@@ -115,7 +125,16 @@ def parse_extractor(spec: str, image_size: int, seed: int = 0) -> Extractor:
             return features(_prepared(frames, size))
 
         return Extractor(f"target {backbone_name} stages {','.join(map(str, features.stages))}", image_size, forward, pad=0)
-    raise ConfigError(message("extractor", repr(spec), "target[:BACKBONE[:STAGES]], teacher[:PATH] or random", "e.g. --extractor target --extractor teacher --extractor random"))
+    raise ConfigError(message("extractor", repr(spec), "target[:BACKBONE[:STAGES]], grid[:BACKBONE[:STAGES]], teacher[:PATH] or random", "e.g. --extractor target --extractor teacher --extractor random"))
+
+
+def _lite_backbone(rest: str) -> tuple[str, str]:
+    """``BACKBONE[:STAGES]`` of a target/grid spec -> (backbone name, stages text), the backbone checked."""
+    backbone_name, _, stages_text = rest.partition(":")
+    backbone_name = backbone_name or "efficientnet-lite0"
+    if backbone_name not in BACKBONES or "lite" not in backbone_name:
+        raise ConfigError(message("probe backbone", repr(backbone_name), "an offline Lite backbone: " + ", ".join(b for b in BACKBONES if "lite" in b), "e.g. target:efficientnet-lite0:3,4,5"))
+    return backbone_name, stages_text
 
 
 def greedy_coreset(features: torch.Tensor, n: int, *, seed: int = 0, projection_dim: int = PROJECTION_DIM, group: int = 16384) -> torch.Tensor:
@@ -349,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     """``edgead probe --data DIR [DIR ...] --extractor SPEC [...] [--json OUT]``."""
     p = argparse.ArgumentParser(prog="edgead probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", nargs="+", required=True, help="data sets (MVTec layout) to probe")
-    p.add_argument("--extractor", action="append", required=True, help="target[:BACKBONE[:STAGES]] | teacher[:PATH] | random (repeatable)")
-    p.add_argument("--image-size", type=int, default=128, help="model input size (multiple of 64, >= 128)")
+    p.add_argument("--extractor", action="append", required=True, help="target[:BACKBONE[:STAGES]] | grid[:BACKBONE[:STAGES]] | teacher[:PATH] | random (repeatable)")
+    p.add_argument("--image-size", type=int, default=128, help="model input size (multiple of 64, >= 128; grid: a multiple of 16)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--coreset", type=float, default=0.1, help="fraction of the bank kept by greedy coreset selection (1: whole bank)")
     p.add_argument("--pixel", action="store_true", help="also pixel AUROC (maps resized to each image)")

@@ -65,12 +65,15 @@ FLOAT_MODULES = ("autoencoder",)  # sub-networks of the exported graph (``export
 
 
 def float_convs(model: Any, modules: Sequence[str] = FLOAT_MODULES) -> list[str]:
-    """Names of the Conv nodes that stay floating point: those reading a graph input, and those of ``modules``.
+    """Names of the Conv nodes that stay floating point: those reading a graph input (padded or not), and those of ``modules``.
 
     Module membership comes from the exporter's node names (``/raw/<module>/...``); a module that
     matches no convolution is refused rather than silently quantised.
     """
     inputs = {i.name for i in model.graph.input}
+    for n in model.graph.node:  # the image padded ("same" padding of the Lite backbones) is still the image
+        if n.op_type == "Pad" and n.input[0] in inputs:
+            inputs.add(n.output[0])
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     keep = [n.name for n in convs if n.input[0] in inputs]
     for module in modules:
@@ -160,11 +163,13 @@ def quantize_merged(
     std: Sequence[float] = IMAGENET_STD,
     keep_float: Sequence[str] | None = None,
     tiling: Tiling | None = None,
+    op_types: Sequence[str] = ("Conv",),
 ) -> Path:
     """Write the INT8 (QDQ) version of a merged ONNX graph, calibrated on good images; return its path.
 
     ``images``: a folder (``max_images`` are sampled) or an explicit list of image files.
     ``keep_float``: names of Conv nodes left in floating point (default: ``float_convs``).
+    ``op_types``: the operators quantised (EfficientAD: its convolutions; UniAD adds its transformer's MatMuls).
     """
     from edgead.registry import check_choice
 
@@ -193,7 +198,7 @@ def quantize_merged(
         str(out_path),
         reader,
         quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["Conv"],
+        op_types_to_quantize=list(op_types),
         per_channel=True,
         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
         weight_type=QuantType.QInt8,

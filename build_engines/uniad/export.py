@@ -15,6 +15,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,8 +44,14 @@ class UniADGraph(nn.Module):
         return amap, image_score(amap, self.image_size, self.pool)
 
 
-def export_uniad_bundle(run_dir: str | Path, out_dir: str | Path, *, opset: int = 17, overwrite: bool = False) -> Path:
-    """Export a finished UniAD run; the graph is checked against PyTorch (<= 1e-4) and TensorRT's operator table."""
+def export_uniad_bundle(run_dir: str | Path, out_dir: str | Path, *, opset: int = 17, overwrite: bool = False,
+                        int8_calibration: str | Path | None = None, int8_images: int = 64, int8_target: str = "onnxruntime") -> Path:
+    """Export a finished UniAD run; the graph is checked against PyTorch (<= 1e-4) and TensorRT's operator table.
+
+    ``int8_calibration``: ``"train"`` (each product's train/good, the same number of images from each) or a folder
+    of good images, to calibrate an extra ``merged_int8`` variant; None skips INT8. INT8 covers the backbone's
+    convolutions (but the first, which reads the image, as for EfficientAD) and the transformer's MatMuls.
+    """
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -75,17 +82,38 @@ def export_uniad_bundle(run_dir: str | Path, out_dir: str | Path, *, opset: int 
                   float(np.max(np.abs(got_score - ref_score)) / max(float(np.max(np.abs(ref_score))), 1e-12)))
         if err > 1e-4:
             raise DataError(message("UniAD ONNX export", f"relative error {err:.2e} against PyTorch", "<= 1e-4", "report this as a bug (export mismatch)"))
+        files = {"merged": path}
+        if int8_calibration is not None:
+            files["merged_int8"] = _quantize(path, Path(tmp) / "model_merged_int8.onnx", cfg, int8_calibration, int8_images, int8_target)
         classes = {name: ClassSpec(c["qa"], c["qb"], c["threshold"], c["method"]) for name, c in run.calibration.items()}
         manifest = Manifest(
             family="uniad",
             size="base",
             input=InputSpec(cfg.image_size, tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)),
-            variants={"merged": VariantSpec("model_merged.onnx")},
+            variants={v: VariantSpec(f.name) for v, f in files.items()},
             postprocess=PostprocessSpec.feature_distance(),
             threshold=ThresholdSpec(max(c.threshold for c in classes.values()), "per product: see classes (this value is not used)"),
             producer=Producer(__version__, torch.__version__, onnx.__version__, str(onnxsim.__version__), opset),
             classes=classes,
         )
-        bundle = write_bundle(out, manifest, {"model_merged.onnx": path}, overwrite=overwrite)
-    log.info("UniAD bundle %s: products %s, parity %.1e, %.1f s", bundle, ", ".join(classes), err, time.perf_counter() - t0)
+        bundle = write_bundle(out, manifest, {f.name: f for f in files.values()}, overwrite=overwrite)
+    log.info("UniAD bundle %s: products %s, variants %s, parity %.1e, %.1f s", bundle, ", ".join(classes), ", ".join(files), err, time.perf_counter() - t0)
     return Path(bundle)
+
+
+INT8_OPS = ("Conv", "MatMul")  # the backbone and the transformer; the L2 map and the score stay FP32
+
+
+def _quantize(merged: Path, out: Path, cfg: Any, calibration: str | Path, max_images: int, target: str) -> Path:
+    """The ``merged_int8`` graph, calibrated on good images of every product (``"train"``) or of one folder."""
+    import onnx
+
+    from ..quantize import calibration_images, float_convs, quantize_merged
+
+    if str(calibration) == "train":
+        per_product = max(1, max_images // len(cfg.data))
+        images = [f for root in cfg.data for f in calibration_images(Path(root) / "train" / "good", per_product)]
+    else:
+        images = calibration_images(calibration, max_images)
+    keep = float_convs(onnx.load(str(merged), load_external_data=False), modules=())
+    return quantize_merged(merged, out, images, cfg.image_size, target=target, keep_float=keep, op_types=INT8_OPS)

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from build_engines.backbones import StageGrid, load_backbone
 from build_engines.probe import greedy_coreset, main, nearest_distance, parse_extractor, probe_dataset, run_probe
-from edgead.datasets import open_dataset
+from edgead.datasets import image_color, open_dataset
 from edgead.errors import ConfigError
+from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 from edgead.tiling import Tiling
 
 torch.set_num_threads(1)
@@ -116,10 +118,29 @@ def test_target_extractor_grid_matches_the_pdn_grid() -> None:
     assert parse_extractor("target:efficientnet-lite1:2,3", 128).forward(frames).shape == (1, 384, 32, 32)
 
 
-@pytest.mark.parametrize("spec", ["resnet", "target:wide_resnet101_2", "target:efficientnet-lite0:5,3"])
-def test_bad_extractor_specs_are_refused(spec: str) -> None:
+def test_grid_extractor_is_uniads_input_grid() -> None:
+    """``grid`` probes exactly what UniAD reconstructs: ``StageGrid`` at stride 16, covering the whole image."""
+    frames = [np.full((90, 120, 3), 128, np.uint8)]
+    grid = parse_extractor("grid:efficientnet-lite0:2,3,4,5", 224)
+    out = grid.forward(frames)
+    assert out.shape == (1, 256, 14, 14) and grid.pad == 0  # 24 + 40 + 112 + 80 channels, 224 / 16
+    reference = StageGrid(load_backbone("efficientnet-lite0"), (2, 3, 4, 5)).eval()
+    x = torch.from_numpy(prepare(frames[0], 224, IMAGENET_MEAN, IMAGENET_STD, image_color(frames[0])))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference(x))
+    assert parse_extractor("grid:efficientnet-lite1:3,4", 224).forward(frames).shape == (1, 40 + 80, 14, 14)
+
+
+def test_grid_probe_finds_an_obvious_defect(tmp_path: Path) -> None:
+    ds = open_dataset(_write_set(tmp_path / "sq", n_train=12, n_good=8, n_bad=8, defect=True))
+    assert probe_dataset(parse_extractor("grid", 224), ds, coreset=1.0)["image_auroc"] >= 0.95
+
+
+@pytest.mark.parametrize(("spec", "size"), [("resnet", 128), ("target:wide_resnet101_2", 128), ("target:efficientnet-lite0:5,3", 128),
+                                            ("grid:wide_resnet101_2", 224), ("grid:efficientnet-lite0:9", 224), ("grid", 200), ("random", 224)])
+def test_bad_extractor_specs_are_refused(spec: str, size: int) -> None:
     with pytest.raises(ConfigError):
-        parse_extractor(spec, 128)
+        parse_extractor(spec, size)
 
 
 def test_bad_coreset_is_refused(tmp_path: Path) -> None:

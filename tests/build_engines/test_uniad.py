@@ -15,6 +15,7 @@ from build_engines.onnx_ops import unsupported_ops
 from build_engines.synthetic import generate
 from build_engines.uniad.model import MASKED, UniAD, anomaly_map, feature_jitter, image_score, neighbour_mask
 from edgead import Detector
+from edgead.datasets import open_dataset
 from edgead.errors import BundleError, ConfigError
 
 torch.set_num_threads(1)
@@ -115,6 +116,34 @@ def test_cli_path_train_eval_export_detector(run: Path, products: list[Path], tm
 
     _, predict, *_ = uniad_predictor(run, "tiles")
     np.testing.assert_allclose(b.score, predict([frame])[1][0], rtol=1e-4, atol=1e-5)
+
+
+def test_uniad_int8_quantises_backbone_and_transformer_calibrated_on_every_product(run: Path, products: list[Path], tmp_path: Path) -> None:
+    from build_engines.export import export_bundle
+    from build_engines.fidelity import main as fidelity
+
+    bundle = export_bundle(run, tmp_path / "b8", int8_calibration="train", int8_images=4)
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert set(m["variants"]) == {"merged", "merged_int8"}
+    model = onnx.load(str(bundle / "model_merged_int8.onnx"))
+    dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    quantised = {n.op_type for n in model.graph.node if n.op_type in ("Conv", "MatMul") and n.input[0] in dq_outputs}
+    assert quantised == {"Conv", "MatMul"}  # the backbone and the transformer
+    padded = {n.output[0] for n in model.graph.node if n.op_type == "Pad" and n.input[0] == "image"}
+    first = [n for n in model.graph.node if n.op_type == "Conv" and n.input[0] in padded]
+    assert len(first) == 1  # the stem convolution reads the padded image, not a DequantizeLinear: it stays FP32
+    frame = np.random.default_rng(3).integers(0, 256, (90, 110, 3), dtype=np.uint8)
+    with Detector(bundle, backend="onnxruntime", precision="int8", threads=1) as i8, Detector(bundle, backend="onnxruntime", threads=1) as f32:
+        assert i8.variant == "merged_int8"
+        got, ref = i8.infer(frame, product="tiles"), f32.infer(frame, product="tiles")
+        assert np.isfinite(got.score) and got.score != ref.score and abs(got.score - ref.score) <= 0.25 * abs(ref.score) + 0.05
+    # edgead fidelity scores a multi-product bundle with the product named by the data set's folder
+    out = tmp_path / "fidelity.json"
+    assert fidelity([str(bundle), str(products[1]), "--candidate", "onnxruntime/int8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["product"] == "tiles" and report["n"] == len(open_dataset(products[1]).test) and -1 <= report["candidates"]["onnxruntime/int8"]["score_rank_correlation"] <= 1
+    with pytest.raises(ConfigError, match="product"):
+        fidelity([str(bundle), str(products[1]), "--candidate", "onnxruntime/int8", "--product", "bolts"])
 
 
 def test_a_uniad_bundle_needs_its_product_calibration(run: Path, tmp_path: Path) -> None:
