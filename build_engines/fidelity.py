@@ -99,6 +99,11 @@ def compare_precisions(
                            "reference": {"key": keys[0], "auroc": float(image_auroc(labels, ref)) if both else None, "device": devices[keys[0]]}, "candidates": {}}
     for k in keys[1:]:
         got = np.asarray(scores[k])
+        nonfinite = int(np.count_nonzero(~np.isfinite(got)))
+        if nonfinite:  # a candidate that outputs NaN/inf fails, with the count; the others are still reported
+            out["candidates"][k] = {"nonfinite_scores": nonfinite, "auroc": None, "delta_points": None, "score_rank_correlation": None,
+                                    "score_error_rel": None, "device": devices[k], "meets_goals": False}
+            continue
         auroc = float(image_auroc(labels, got)) if both else None
         row = {
             "auroc": auroc,
@@ -134,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     recorded = []
     for key, row in report["candidates"].items():
         precision = key.split("/")[1]
+        if row.get("nonfinite_scores"):
+            print(f"{key}: {row['nonfinite_scores']} of {report['n']} scores NaN or infinite -> misses the goals")
+            continue
         print(f"{key}: AUROC {row['auroc']} ({row['delta_points']:+.2f} points vs FP32), rank correlation {row['score_rank_correlation']:.5f}, "
               f"score error {row['score_error_rel']:.4f} of the spread -> {'meets' if row['meets_goals'] else 'misses'} the goals" if row["delta_points"] is not None
               else f"{key}: rank correlation {row['score_rank_correlation']:.5f}")

@@ -199,6 +199,33 @@ def test_fidelity_compares_and_records_only_what_meets_the_goals(setup: dict[str
     assert ("int8" in load_bundle(bundle).manifest.cpu_precisions) == meets == (rep["recorded"] == ["int8"])
 
 
+def test_fidelity_reports_a_candidate_with_nan_scores_as_failing_and_keeps_the_others(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A candidate that outputs NaN (as OpenVINO BF16 did from a stale cached blob) fails with its count; the report survives."""
+    import json
+
+    import onnx
+    import tiny_bundle as tb
+
+    from build_engines.fidelity import main
+    from build_engines.synthetic import generate
+    from edgead.bundle import write_bundle
+
+    src = tmp_path / "src"
+    src.mkdir()
+    bad = tb.weights(0)
+    bad["w_t"][0, 0, 0, 0] = np.nan
+    onnx.save(tb.merged_model(tb.weights(0)), str(src / "model_merged.onnx"))
+    onnx.save(tb.merged_model(bad), str(src / "model_merged_int8.onnx"))  # a broken low-precision variant
+    bundle = write_bundle(tmp_path / "b", tb.manifest(("merged", "merged_int8")), {p.name: p for p in src.iterdir()})
+    data = generate(tmp_path / "data", n_train=1, n_test_good=3, n_test_defect=3, size=64, seed=0)
+    out = tmp_path / "fid.json"
+    assert main([str(bundle), str(data), "--candidate", "onnxruntime/int8", "--candidate", "openvino/fp32", "--threads", "1", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["candidates"]["onnxruntime/int8"]["nonfinite_scores"] == rep["n"] and rep["candidates"]["onnxruntime/int8"]["meets_goals"] is False
+    assert rep["candidates"]["openvino/fp32"]["meets_goals"] is True
+    assert "scores NaN or infinite -> misses the goals" in capsys.readouterr().out
+
+
 def test_rank_correlation_matches_scipy_with_ties() -> None:
     from scipy.stats import spearmanr
 

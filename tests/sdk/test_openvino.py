@@ -64,14 +64,33 @@ def test_the_compiled_model_is_cached_per_bundle_content(tmp_path: Path, cache: 
     a = tb.make_bundle(tmp_path / "a", seed=0)
     b = tb.make_bundle(tmp_path / "b", seed=1)  # other weights: another ONNX hash
     c = tb.make_bundle(tmp_path / "c", seed=0)  # the same ONNX as a
-    folders = [ovb.OpenVINOBackend.cache_folder(load_bundle(x), "merged", "CPU", ov.__version__) for x in (a, b, c)]
+    folders = [ovb.OpenVINOBackend.cache_folder(load_bundle(x), "merged", "CPU", ov.__version__, "fp32") for x in (a, b, c)]
     assert folders[0] != folders[1] and folders[0] == folders[2]
-    assert ovb.OpenVINOBackend.cache_folder(load_bundle(a), "merged", "GPU", ov.__version__) != folders[0]
+    assert ovb.OpenVINOBackend.cache_folder(load_bundle(a), "merged", "GPU", ov.__version__, "fp32") != folders[0]
+    assert ovb.OpenVINOBackend.cache_folder(load_bundle(a), "merged", "CPU", ov.__version__, "bf16") != folders[0]
     with Detector(a, backend="openvino", threads=1):
         pass
     assert folders[0].is_dir() and any(folders[0].iterdir())  # OpenVINO wrote its blob there
     with Detector(a, backend="openvino", threads=1) as det:  # second start: loaded from the cache
         assert np.isfinite(det.infer(frames(1)[0]).score)
+
+
+def test_a_bf16_start_never_loads_the_fp32_starts_blob(bundle: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenVINO names its blob without the precision hint: with one cache folder for both, a BF16 start re-compiled the
+    FP32 blob (every score NaN on a UniAD bundle). Each precision has its own folder, and a BF16 start after an FP32
+    one scores exactly as a BF16 start on an empty cache."""
+    if not ovb.bf16_supported(ov.Core()):
+        pytest.skip("no BF16 on this CPU")
+    batch = frames(3, 4)
+    with Detector(bundle, backend="openvino", precision="fp32", threads=1) as det:
+        det.infer_batch(batch)
+    with Detector(bundle, backend="openvino", precision="bf16", threads=1) as det:
+        after_fp32 = [r.score for r in det.infer_batch(batch)]
+    assert len(list(cache.iterdir())) == 2  # one compiled model per precision
+    monkeypatch.setenv("EDGEAD_CACHE_DIR", str(tmp_path / "empty"))
+    with Detector(bundle, backend="openvino", precision="bf16", threads=1) as det:
+        fresh = [r.score for r in det.infer_batch(batch)]
+    assert after_fp32 == fresh
 
 
 def test_auto_picks_openvino_and_bf16_only_when_the_bundle_allows_it(bundle: Path, cache: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -7,8 +7,11 @@ transformations, several times faster than FP32 (docs/benchmarks.md). Precision 
 * ``bf16``: the FP32 graph with ``INFERENCE_PRECISION_HINT=bf16`` (refused on a CPU without BF16 support);
 * ``int8``: the bundle's ``merged_int8`` QDQ graph (``edgead export --int8``), INT8 where OpenVINO quantises.
 
-The compiled model is cached (OpenVINO ``CACHE_DIR``) in a folder keyed by the bundle's file hash, the device
-and the OpenVINO version, so a restart loads the blob instead of compiling again. ``device="GPU"`` targets an
+The compiled model is cached (OpenVINO ``CACHE_DIR``) in a folder keyed by the bundle's file hash, the precision,
+the device and the OpenVINO version, so a restart loads the blob instead of compiling again. The precision must be
+part of the key: OpenVINO 2026.4 names the blob without ``INFERENCE_PRECISION_HINT``, so a BF16 start found the FP32
+start's blob and re-compiled it for BF16, which turned a UniAD bundle's every score into NaN (a fresh BF16 compile
+of the same graph is fine; docs/benchmarks.md). ``device="GPU"`` targets an
 Intel integrated GPU through the same documented API; no Intel GPU was available to test it.
 
 openvino is imported lazily (extra ``openvino``).
@@ -102,7 +105,7 @@ class OpenVINOBackend(Backend):
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         if cache:
-            folder = self.cache_folder(bundle, variant, device, ov.__version__)
+            folder = self.cache_folder(bundle, variant, device, ov.__version__, precision)
             folder.mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(folder)
         try:
@@ -136,10 +139,10 @@ class OpenVINOBackend(Backend):
         self.execution_precision = hint_type.to_string() if hasattr(hint_type, "to_string") else str(hint_type)  # "f32" / "bf16"
 
     @staticmethod
-    def cache_folder(bundle: Bundle, variant: str, device: str, version: str) -> Path:
-        """Cache folder of one compiled model: changes with the ONNX file (its sha256), the device and OpenVINO."""
+    def cache_folder(bundle: Bundle, variant: str, device: str, version: str, precision: str) -> Path:
+        """Cache folder of one compiled model: changes with the ONNX file (its sha256), the precision, the device and OpenVINO."""
         sha = bundle.manifest.files[bundle.manifest.variants[variant].file].sha256
-        key = hashlib.sha256(f"{sha}|{variant}|{device}|{version}".encode()).hexdigest()[:24]
+        key = hashlib.sha256(f"{sha}|{variant}|{precision}|{device}|{version}".encode()).hexdigest()[:24]
         return cache_root() / key
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
