@@ -118,7 +118,7 @@ def test_cli_path_train_eval_export_detector(run: Path, products: list[Path], tm
     np.testing.assert_allclose(b.score, predict([frame])[1][0], rtol=1e-4, atol=1e-5)
 
 
-def test_uniad_int8_quantises_backbone_and_transformer_calibrated_on_every_product(run: Path, products: list[Path], tmp_path: Path) -> None:
+def test_uniad_int8_quantises_the_transformer_calibrated_on_every_product(run: Path, products: list[Path], tmp_path: Path) -> None:
     from build_engines.export import export_bundle
     from build_engines.fidelity import main as fidelity
 
@@ -127,11 +127,8 @@ def test_uniad_int8_quantises_backbone_and_transformer_calibrated_on_every_produ
     assert set(m["variants"]) == {"merged", "merged_int8"}
     model = onnx.load(str(bundle / "model_merged_int8.onnx"))
     dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    quantised = {n.op_type for n in model.graph.node if n.op_type in ("Conv", "MatMul") and n.input[0] in dq_outputs}
-    assert quantised == {"Conv", "MatMul"}  # the backbone and the transformer
-    padded = {n.output[0] for n in model.graph.node if n.op_type == "Pad" and n.input[0] == "image"}
-    first = [n for n in model.graph.node if n.op_type == "Conv" and n.input[0] in padded]
-    assert len(first) == 1  # the stem convolution reads the padded image, not a DequantizeLinear: it stays FP32
+    quantised = {n.op_type for n in model.graph.node if n.input and n.input[0] in dq_outputs}
+    assert {"Gemm", "MatMul"} <= quantised and "Conv" not in quantised  # the transformer; the backbone stays FP32
     frame = np.random.default_rng(3).integers(0, 256, (90, 110, 3), dtype=np.uint8)
     with Detector(bundle, backend="onnxruntime", precision="int8", threads=1) as i8, Detector(bundle, backend="onnxruntime", threads=1) as f32:
         assert i8.variant == "merged_int8"
