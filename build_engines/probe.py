@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -58,7 +59,8 @@ __all__ = ["Extractor", "ProbeFeatures", "parse_extractor", "greedy_coreset", "n
 
 log = logging.getLogger(__name__)
 
-PROJECTION_DIM = 128  # coreset selection runs on a random projection (PatchCore)
+PROJECTION_DIM = 128
+EXTRACTOR_KINDS = ("target", "grid", "teacher", "random")  # coreset selection runs on a random projection (PatchCore)
 
 
 @dataclass
@@ -97,11 +99,16 @@ def parse_extractor(spec: str, image_size: int, seed: int = 0) -> Extractor:
     """
     kind, _, rest = str(spec).partition(":")
     kind = kind.strip().lower()
+    if kind not in EXTRACTOR_KINDS:
+        raise ConfigError(message("extractor", repr(spec), "target[:BACKBONE[:STAGES]], grid[:BACKBONE[:STAGES]], teacher[:PATH] or random", "e.g. --extractor target --extractor teacher --extractor random"))
     if kind == "grid":
-        backbone_name, stages_text = _lite_backbone(rest)
-        grid = StageGrid(load_backbone(backbone_name), parse_stages(stages_text) if stages_text else (2, 3, 4, 5)).eval()
-        if image_size < grid.stride or image_size % grid.stride:
-            raise ConfigError(message("--image-size", image_size, f"a multiple of the grid stride {grid.stride}", "use 224 (UniAD)"))
+        from .uniad.train import UniADConfig
+
+        uniad = {f.name: f.default for f in dataclasses.fields(UniADConfig)}  # the grid UniAD trains on by default
+        backbone_name, stages_text = _lite_backbone(rest, kind)
+        grid = StageGrid(load_backbone(backbone_name), parse_stages(stages_text or uniad["stages"]), uniad["stride"]).eval()
+        if image_size % grid.stride or image_size < 4 * grid.stride:  # UniAD's own rule (UniADConfig.validate)
+            raise ConfigError(message("--image-size", image_size, f"a multiple of the grid stride {grid.stride}, >= {4 * grid.stride}", f"use {uniad['image_size']} (UniAD)"))
 
         @torch.no_grad()
         def grid_forward(frames: list[np.ndarray]) -> torch.Tensor:
@@ -115,25 +122,23 @@ def parse_extractor(spec: str, image_size: int, seed: int = 0) -> Extractor:
     if kind == "teacher":
         weights = rest or "default"
         return _pdn_extractor(f"teacher {weights}", load_teacher("s", weights), image_size)
-    if kind == "target":
-        backbone_name, stages_text = _lite_backbone(rest)
-        features = PatchFeatures(load_backbone(backbone_name), seed=0, stages=parse_stages(stages_text) if stages_text else None).eval()
-        size = image_size * features.input_scale
+    backbone_name, stages_text = _lite_backbone(rest, kind)  # target
+    features = PatchFeatures(load_backbone(backbone_name), seed=0, stages=parse_stages(stages_text) if stages_text else None).eval()
+    size = image_size * features.input_scale
 
-        @torch.no_grad()
-        def forward(frames: list[np.ndarray]) -> torch.Tensor:
-            return features(_prepared(frames, size))
+    @torch.no_grad()
+    def forward(frames: list[np.ndarray]) -> torch.Tensor:
+        return features(_prepared(frames, size))
 
-        return Extractor(f"target {backbone_name} stages {','.join(map(str, features.stages))}", image_size, forward, pad=0)
-    raise ConfigError(message("extractor", repr(spec), "target[:BACKBONE[:STAGES]], grid[:BACKBONE[:STAGES]], teacher[:PATH] or random", "e.g. --extractor target --extractor teacher --extractor random"))
+    return Extractor(f"target {backbone_name} stages {','.join(map(str, features.stages))}", image_size, forward, pad=0)
 
 
-def _lite_backbone(rest: str) -> tuple[str, str]:
+def _lite_backbone(rest: str, kind: str) -> tuple[str, str]:
     """``BACKBONE[:STAGES]`` of a target/grid spec -> (backbone name, stages text), the backbone checked."""
     backbone_name, _, stages_text = rest.partition(":")
     backbone_name = backbone_name or "efficientnet-lite0"
     if backbone_name not in BACKBONES or "lite" not in backbone_name:
-        raise ConfigError(message("probe backbone", repr(backbone_name), "an offline Lite backbone: " + ", ".join(b for b in BACKBONES if "lite" in b), "e.g. target:efficientnet-lite0:3,4,5"))
+        raise ConfigError(message("probe backbone", repr(backbone_name), "an offline Lite backbone: " + ", ".join(b for b in BACKBONES if "lite" in b), f"e.g. {kind}:efficientnet-lite0:3,4,5"))
     return backbone_name, stages_text
 
 

@@ -33,6 +33,8 @@ def rules(model: Any) -> dict[str, tuple[list[str], list[str]]]:
 
     stem = float_convs(model, ())
     attention = [n.name for n in model.graph.node if n.op_type == "MatMul" and "/attn" in n.name]
+    if not attention:
+        raise SystemExit("error: no attention MatMul (node names '/attn') in this graph: is it a UniAD bundle exported by this edgead?")
     return {
         "backbone": (["Conv"], stem),
         "backbone+transformer_weights": (["Conv", "Gemm", "MatMul"], stem + attention),
@@ -46,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     import onnx
     import onnxruntime as ort
 
-    from build_engines.quantize import calibration_images, quantize_merged, rank_correlation
+    from build_engines.fidelity import fidelity_row
+    from build_engines.quantize import quantize_merged
+    from build_engines.uniad.export import product_calibration_images
     from edgead.bundle import load_bundle
     from edgead.datasets import image_color, open_dataset, read_image
-    from edgead.metrics import image_auroc
     from edgead.preprocess import prepare
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(args.bundle)
     spec = bundle.manifest.input
     merged = bundle.onnx_path("merged")
-    calibration = [f for d in args.data for f in calibration_images(d / "train" / "good", max(1, args.calibration_images // len(args.data)))]
+    calibration = product_calibration_images(args.data, args.calibration_images)
     samples = open_dataset(args.test).test
     pick = np.random.default_rng(0).choice(len(samples), min(args.test_images, len(samples)), replace=False)
     samples = [samples[i] for i in sorted(pick)]
@@ -80,20 +83,18 @@ def main(argv: list[str] | None = None) -> int:
         return out, 1000.0 * (time.perf_counter() - t0) / len(images)
 
     ref, ref_ms = scores(merged)
-    ref_auroc = image_auroc(labels, ref)
+    reference = fidelity_row(labels, ref, ref)
     report: dict[str, Any] = {"command": "python scripts/uniad_int8_sensitivity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                              "n": len(images), "threads": 1, "fp32": {"auroc": ref_auroc, "ms": ref_ms}, "rules": {}}
-    print(f"fp32: AUROC {ref_auroc:.4f}, {ref_ms:.1f} ms")
+                              "n": len(images), "threads": 1, "fp32": {"auroc": reference["auroc"], "ms": ref_ms}, "rules": {}}
+    print(f"fp32: AUROC {reference['auroc']:.4f}, {ref_ms:.1f} ms")
     model = onnx.load(str(merged), load_external_data=False)
     with tempfile.TemporaryDirectory() as tmp:
         for name, (ops, keep) in rules(model).items():
             path = quantize_merged(merged, Path(tmp) / f"{name}.onnx", calibration, spec.image_size, keep_float=keep, op_types=ops)
             got, ms = scores(path)
-            auroc = image_auroc(labels, got)
-            row = {"ops": ops, "kept_fp32": len(keep), "auroc": auroc, "delta_points": 100.0 * (auroc - ref_auroc), "rank_correlation": rank_correlation(ref, got),
-                   "score_error_rel": float(np.mean(np.abs(got - ref)) / max(float(np.std(ref)), 1e-12)), "ms": ms}
+            row = {"ops": ops, "kept_fp32": len(keep), **fidelity_row(labels, ref, got), "ms": ms}
             report["rules"][name] = row
-            print(f"{name}: AUROC {auroc:.4f} ({row['delta_points']:+.2f} points), rank correlation {row['rank_correlation']:.4f}, {ms:.1f} ms", flush=True)
+            print(f"{name}: AUROC {row['auroc']:.4f} ({row['delta_points']:+.2f} points), rank correlation {row['score_rank_correlation']:.4f}, {ms:.1f} ms", flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

@@ -14,18 +14,19 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from edgead.errors import DataError, message
+from edgead.errors import ConfigError, DataError, message
 
 from .model import UniAD, anomaly_map, image_score
 from .train import FeatureExtractor, load_uniad_run
 
-__all__ = ["UniADGraph", "export_uniad_bundle"]
+__all__ = ["UniADGraph", "export_uniad_bundle", "product_calibration_images", "INT8_OPS"]
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,14 @@ def _quantize(merged: Path, out: Path, cfg: Any, calibration: str | Path, max_im
     """The ``merged_int8`` graph, calibrated on good images of every product (``"train"``) or of one folder."""
     from ..quantize import calibration_images, quantize_merged
 
-    if str(calibration) == "train":
-        per_product = max(1, max_images // len(cfg.data))
-        images = [f for root in cfg.data for f in calibration_images(Path(root) / "train" / "good", per_product)]
-    else:
-        images = calibration_images(calibration, max_images)
+    images = product_calibration_images(cfg.data, max_images) if str(calibration) == "train" else calibration_images(calibration, max_images)
     return quantize_merged(merged, out, images, cfg.image_size, target=target, keep_float=[], op_types=INT8_OPS)
+
+
+def product_calibration_images(data: Sequence[str | Path], max_images: int) -> list[Path]:
+    """Up to ``max_images`` train/good images, the same number from each product's set (at least one each)."""
+    from ..quantize import calibration_images
+
+    if max_images < len(data):
+        raise ConfigError(message("--int8-max-images", max_images, f">= the number of products ({len(data)}): one image of each at least", "use 64"))
+    return [f for root in data for f in calibration_images(Path(root) / "train" / "good", max_images // len(data))]

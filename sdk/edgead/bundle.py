@@ -479,6 +479,14 @@ class Manifest:
     def post(self) -> EfficientADPost:
         return self.postprocess.post
 
+    @property
+    def auto_cpu_precisions(self) -> tuple[str, ...]:
+        """The lower CPU precisions ``backend="auto"`` may use: recorded, and for a bundle of several products
+        recorded for every one of them (a precision faithful on one product says nothing of another)."""
+        if not self.classes:
+            return tuple(self.cpu_precisions)
+        return tuple(p for p, ev in self.cpu_precisions.items() if set(self.classes) <= set(ev.get("products", {})))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
@@ -702,16 +710,27 @@ LOCK_FILE = ".edgead.lock"
 CPU_AUTO_PRECISIONS = ("bf16", "int8")
 
 
-def allow_precision(bundle_dir: str | Path, precision: str, evidence: Mapping[str, Any]) -> None:
+def allow_precision(bundle_dir: str | Path, precision: str, evidence: Mapping[str, Any], product: str | None = None) -> None:
     """Record in the manifest that ``backend="auto"`` may run this bundle at ``precision`` on a CPU, with the
-    fidelity measured against FP32 (``build_engines.fidelity``). Under the bundle lock, atomically."""
+    fidelity measured against FP32 (``build_engines.fidelity``). Under the bundle lock, atomically.
+
+    A bundle of several products (``classes``) records the evidence per ``product`` (``{"products": {name: ...}}``);
+    ``Manifest.auto_cpu_precisions`` allows the precision only once every product has passed."""
     if precision not in CPU_AUTO_PRECISIONS:
         raise ConfigError(message("precision to allow", repr(precision), f"one of {list(CPU_AUTO_PRECISIONS)}", "pass bf16 or int8"))
     root = Path(bundle_dir)
     with _exclusive(root):
         bundle = load_bundle(root)
+        classes = bundle.manifest.classes
+        if bool(classes) != (product is not None) or (product is not None and product not in classes):
+            want = f"one of {', '.join(classes)} (evidence is per product in this bundle)" if classes else "no product (this bundle has one)"
+            raise ConfigError(message("product of the evidence", repr(product), want, "measure each product's set with 'edgead fidelity --product NAME --record'"))
         data = bundle.manifest.to_dict()
-        data.setdefault("cpu_precisions", {})[precision] = dict(evidence)
+        allowed = data.setdefault("cpu_precisions", {})
+        if product is None:
+            allowed[precision] = dict(evidence)
+        else:
+            allowed.setdefault(precision, {}).setdefault("products", {})[product] = dict(evidence)
         Manifest.from_dict(data)
         _write_json_atomic(root / MANIFEST, data)
 

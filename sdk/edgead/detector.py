@@ -40,6 +40,8 @@ __all__ = ["Detector", "resize_map"]
 
 
 def _evidence(e: dict) -> str:
+    if "products" in e:  # a multi-product bundle: the evidence of each product
+        return "; ".join(f"{name}: {_evidence(ev)}" for name, ev in e["products"].items())
     keys = ("score_rank_correlation", "delta_points", "dataset")
     return ", ".join(f"{k} {e[k]:.4g}" if isinstance(e.get(k), float) else f"{k} {e[k]}" for k in keys if k in e)
 
@@ -265,7 +267,7 @@ class Detector:
         AVX-512 BF16 / VNNI (docs/benchmarks.md); ONNX Runtime when OpenVINO is not installed."""
         from .backends import openvino as ov_backend
 
-        allowed = self._bundle.manifest.cpu_precisions
+        allowed = self._bundle.manifest.auto_cpu_precisions
         try:
             ov = ov_backend.import_openvino()
         except MissingDependencyError:
@@ -278,7 +280,7 @@ class Detector:
         if chosen is None:
             for candidate in ("bf16", "int8"):
                 if candidate in allowed and (candidate != "bf16" or ov_backend.bf16_supported(ov.Core())) and (candidate != "int8" or "merged_int8" in self._bundle.manifest.variants):
-                    chosen, why_precision = candidate, f"allowed by the bundle ({_evidence(allowed[candidate])})"
+                    chosen, why_precision = candidate, f"allowed by the bundle ({_evidence(self._bundle.manifest.cpu_precisions[candidate])})"
                     break
             else:
                 chosen, why_precision = "fp32", "the bundle allows no lower CPU precision" if not allowed else "no lower precision the bundle allows runs here"

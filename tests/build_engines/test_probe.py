@@ -131,13 +131,20 @@ def test_grid_extractor_is_uniads_input_grid() -> None:
     assert parse_extractor("grid:efficientnet-lite1:3,4", 224).forward(frames).shape == (1, 40 + 80, 14, 14)
 
 
+def test_an_unknown_extractor_is_named_before_the_image_size_is_checked() -> None:
+    with pytest.raises(ConfigError, match=r"extractor \| got 'gird'"):
+        parse_extractor("gird", 224)
+    with pytest.raises(ConfigError, match="grid:efficientnet-lite0"):  # the hint names the kind asked for
+        parse_extractor("grid:resnet50", 224)
+
+
 def test_grid_probe_finds_an_obvious_defect(tmp_path: Path) -> None:
     ds = open_dataset(_write_set(tmp_path / "sq", n_train=12, n_good=8, n_bad=8, defect=True))
     assert probe_dataset(parse_extractor("grid", 224), ds, coreset=1.0)["image_auroc"] >= 0.95
 
 
 @pytest.mark.parametrize(("spec", "size"), [("resnet", 128), ("target:wide_resnet101_2", 128), ("target:efficientnet-lite0:5,3", 128),
-                                            ("grid:wide_resnet101_2", 224), ("grid:efficientnet-lite0:9", 224), ("grid", 200), ("random", 224)])
+                                            ("grid:wide_resnet101_2", 224), ("grid:efficientnet-lite0:9", 224), ("grid", 200), ("grid", 48), ("random", 224), ("gird", 224)])
 def test_bad_extractor_specs_are_refused(spec: str, size: int) -> None:
     with pytest.raises(ConfigError):
         parse_extractor(spec, size)

@@ -224,6 +224,28 @@ def test_fidelity_reports_a_candidate_with_nan_scores_as_failing_and_keeps_the_o
     assert rep["candidates"]["onnxruntime/int8"]["nonfinite_scores"] == rep["n"] and rep["candidates"]["onnxruntime/int8"]["meets_goals"] is False
     assert rep["candidates"]["openvino/fp32"]["meets_goals"] is True
     assert "scores NaN or infinite -> misses the goals" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="drop --product"):  # a one-product bundle has no product to name
+        main([str(bundle), str(data), "--candidate", "openvino/fp32", "--product", "tiles"])
+
+
+def test_float_convs_keeps_the_stem_behind_a_pad_of_the_image() -> None:
+    """Lite backbones pad the image ("same" padding) before their stem: that convolution still reads the image."""
+    from onnx import TensorProto, helper
+
+    from build_engines.quantize import float_convs
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], [0.0] * 108)
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [4, 4, 1, 1], [0.0] * 16)
+    pads = helper.make_tensor("pads", TensorProto.INT64, [8], [0, 0, 1, 1, 0, 0, 1, 1])
+    nodes = [
+        helper.make_node("Pad", ["image", "pads"], ["padded"], name="/grid/_conv_stem/Pad"),
+        helper.make_node("Conv", ["padded", "w"], ["stem"], name="/grid/_conv_stem/Conv"),
+        helper.make_node("Pad", ["stem", "pads"], ["padded2"], name="/grid/block/Pad"),
+        helper.make_node("Conv", ["padded2", "w2"], ["out"], name="/grid/block/Conv"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], [w, w2, pads])
+    assert float_convs(helper.make_model(graph), ()) == ["/grid/_conv_stem/Conv"]  # a later padded conv is quantised
 
 
 def test_rank_correlation_matches_scipy_with_ties() -> None:

@@ -4,6 +4,7 @@ and the whole CLI path (train on two products -> eval -> export -> Detector with
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,8 @@ def test_uniad_int8_quantises_the_transformer_calibrated_on_every_product(run: P
     from build_engines.export import export_bundle
     from build_engines.fidelity import main as fidelity
 
+    with pytest.raises(ConfigError, match="int8-max-images"):  # fewer images than products: one product would go uncalibrated
+        export_bundle(run, tmp_path / "b1", int8_calibration="train", int8_images=1)
     bundle = export_bundle(run, tmp_path / "b8", int8_calibration="train", int8_images=4)
     m = json.loads((bundle / "manifest.json").read_text())
     assert set(m["variants"]) == {"merged", "merged_int8"}
@@ -138,9 +141,38 @@ def test_uniad_int8_quantises_the_transformer_calibrated_on_every_product(run: P
     out = tmp_path / "fidelity.json"
     assert fidelity([str(bundle), str(products[1]), "--candidate", "onnxruntime/int8", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["product"] == "tiles" and report["n"] == len(open_dataset(products[1]).test) and -1 <= report["candidates"]["onnxruntime/int8"]["score_rank_correlation"] <= 1
-    with pytest.raises(ConfigError, match="product"):
+    row = report["candidates"]["onnxruntime/int8"]
+    assert report["product"] == "tiles" and report["n"] == len(open_dataset(products[1]).test)
+    assert row["nonfinite_scores"] == 0 and row["score_rank_correlation"] > 0.5  # a tiny, barely trained model: scores still follow FP32
+    with pytest.raises(ConfigError, match="--product NAME"):
         fidelity([str(bundle), str(products[1]), "--candidate", "onnxruntime/int8", "--product", "bolts"])
+    renamed = tmp_path / "line7"
+    renamed.symlink_to(products[1], target_is_directory=True)  # a folder name that is no product: named by --product
+    with pytest.raises(ConfigError, match="folder name"):
+        fidelity([str(bundle), str(renamed), "--candidate", "onnxruntime/int8"])
+    assert fidelity([str(bundle), str(renamed), "--candidate", "onnxruntime/int8", "--product", "tiles", "--max-images", "2"]) == 0
+
+
+def test_a_lower_cpu_precision_is_allowed_for_a_multi_product_bundle_only_once_every_product_passed(
+    run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from build_engines.export import export_bundle
+    from edgead.bundle import allow_precision, load_bundle
+
+    bundle = export_bundle(run, tmp_path / "b8", int8_calibration="train", int8_images=2)
+    evidence = {"score_rank_correlation": 0.9999, "delta_points": 0.01}
+    for bad in (None, "bolts"):
+        with pytest.raises(ConfigError, match="per product"):
+            allow_precision(bundle, "int8", evidence, product=bad)
+    allow_precision(bundle, "int8", evidence, product="screws")
+    assert load_bundle(bundle).manifest.auto_cpu_precisions == ()  # faithful on screws says nothing of tiles
+    with Detector(bundle, threads=1) as det:
+        assert det.precision == "fp32"
+    allow_precision(bundle, "int8", {**evidence, "dataset": "tiles"}, product="tiles")
+    assert load_bundle(bundle).manifest.auto_cpu_precisions == ("int8",)
+    with caplog.at_level(logging.INFO, logger="edgead.detector"), Detector(bundle, threads=1) as det:
+        assert det.precision == "int8"
+    assert "allowed by the bundle (screws: score_rank_correlation 0.9999" in caplog.records[-1].getMessage()
 
 
 def test_a_uniad_bundle_needs_its_product_calibration(run: Path, tmp_path: Path) -> None:
