@@ -59,8 +59,8 @@ __all__ = ["Extractor", "ProbeFeatures", "parse_extractor", "greedy_coreset", "n
 
 log = logging.getLogger(__name__)
 
-PROJECTION_DIM = 128
-EXTRACTOR_KINDS = ("target", "grid", "teacher", "random")  # coreset selection runs on a random projection (PatchCore)
+PROJECTION_DIM = 128  # coreset selection runs on a random projection (PatchCore)
+EXTRACTOR_KINDS = ("target", "grid", "teacher", "random")
 
 
 @dataclass
