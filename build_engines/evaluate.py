@@ -216,12 +216,12 @@ class _Predictor:
 
 
 def _predictor(run_dir: Path, dataset: Dataset, device: str, product: str | None) -> _Predictor:
-    from .export import _run_family
+    from .families import run_family, toolchain
 
-    if _run_family(run_dir) == "uniad":
-        from .uniad.evaluate import uniad_predictor
-
-        return _Predictor("uniad", *uniad_predictor(run_dir, product or dataset.root.name))
+    family = run_family(run_dir)
+    chain = toolchain(family)
+    if chain is not None:
+        return _Predictor(family, *chain.load("predictor")(run_dir, product or dataset.root.name))
     run = load_run(run_dir)
     model = run.model.to(device).eval()
     mean, std = tuple(run.config.get("mean", IMAGENET_MEAN)), tuple(run.config.get("std", IMAGENET_STD))

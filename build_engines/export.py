@@ -235,16 +235,6 @@ def _check_variants(variants: Sequence[str]) -> tuple[str, ...]:
     return out
 
 
-def _run_family(run_dir: str | Path) -> str:
-    import json
-
-    config = Path(run_dir) / "config.json"
-    try:
-        return str(json.loads(config.read_text()).get("family", "efficientad"))
-    except (OSError, ValueError):
-        return "efficientad"  # load_run reports what is missing
-
-
 def export_bundle(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -268,15 +258,15 @@ def export_bundle(
     import tempfile
 
     from build_engines.efficientad.run import load_run
+    from build_engines.families import run_family, toolchain
     from edgead.bundle import check_bundle_target
 
     variants = _check_variants(variants)
     _check_opset(opset)
     out_dir = check_bundle_target(out_dir, overwrite)  # before any work: a file, a non-bundle folder, engines that would be lost
-    if _run_family(run_dir) == "uniad":
-        from build_engines.uniad.export import export_uniad_bundle
-
-        return export_uniad_bundle(run_dir, out_dir, opset=opset, overwrite=overwrite, int8_calibration=int8_calibration, int8_images=int8_images, int8_target=int8_target)
+    family = toolchain(run_family(run_dir))
+    if family is not None:
+        return family.load("export_bundle")(run_dir, out_dir, opset=opset, overwrite=overwrite, int8_calibration=int8_calibration, int8_images=int8_images, int8_target=int8_target)
     run = load_run(run_dir)
     model = run.model.eval()
     post = run.post

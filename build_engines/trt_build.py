@@ -199,22 +199,25 @@ def _parse_onnx(trt_mod: Any, builder: trt.Builder, logger: trt.ILogger, onnx_pa
     return network, parser
 
 
-# ONNX node names of the post-processing tail that MergedGraph exports (everything outside the "/raw/" networks)
-_NETWORK_SCOPE = "/raw/"
+# ONNX name scopes of the networks inside the graphs EdgeAD exports (the submodules' names): EfficientAD's MergedGraph
+# ``raw``, UniADGraph's ``extractor`` and ``model``, PatchCoreGraph's ``grid``. Every other layer is the map tail.
+_NETWORK_SCOPES = ("/raw/", "/extractor/", "/model/", "/grid/")
 
 
 def keep_map_tail_fp32(trt_mod: Any, network: trt.INetworkDefinition, config: trt.IBuilderConfig) -> int:
     """Hold the anomaly-map tail of a merged graph in FP32 and make TensorRT obey it; returns the layer count.
 
-    With FP16 enabled TensorRT may run any layer in FP16. The tail (squared differences, channel means over 384
-    channels, quantile affines, pad, max) must not: squares of strong anomalies overflow FP16 (65504) and the
-    rounding (~1e-3) sits right at the decision threshold. Layers of the three networks (ONNX names under
-    ``/raw/``) stay free; every other layer gets ``precision = float32`` and FP32 outputs, with
+    With FP16 enabled TensorRT may run any layer in FP16. The tail (EfficientAD: squared differences, channel means
+    over 384 channels, quantile affines, pad, max; UniAD: the feature-reconstruction distance and pooling; PatchCore:
+    the standardisation and the distance GEMM ``|f|^2 - 2 f.b + |b|^2`` against the bank, whose terms of ~256 cancel)
+    must not: squares of strong anomalies overflow FP16 (65504) and the rounding (~1e-3 relative) sits right at the
+    decision threshold. Layers of the networks (ONNX names under ``_NETWORK_SCOPES``) stay free; every other layer
+    gets ``precision = float32`` and FP32 outputs, with
     ``OBEY_PRECISION_CONSTRAINTS``. (TensorRT 10.12+ prefers strongly typed networks; precision constraints
     still build on 10.3, JetPack 6's version.) A raw graph has no tail: 0 layers.
     """
-    tail = [network.get_layer(i) for i in range(network.num_layers) if not network.get_layer(i).name.startswith(_NETWORK_SCOPE)]
-    if not tail or all(network.get_layer(i).name.startswith(_NETWORK_SCOPE) for i in range(network.num_layers)):
+    tail = [network.get_layer(i) for i in range(network.num_layers) if not network.get_layer(i).name.startswith(_NETWORK_SCOPES)]
+    if not tail:
         return 0
     for layer in tail:
         layer.precision = trt_mod.float32

@@ -54,6 +54,7 @@ from edgead.tiling import Tiling
 
 from ..calibrate import DEFAULT_THRESHOLD, QA, QB, calibrate, parse_threshold_method
 from ..devices import DEVICES, resolve_device
+from ..families import toolchain
 from .models import EfficientAD, check_image_size, feature_size, pdn
 from .run import CONFIG_FILE, save_calibration, save_model
 
@@ -548,7 +549,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgead train", description="Train EfficientAD on good images and calibrate it on held-out good images.")
-    p.add_argument("--family", default="efficientad", help="efficientad (default) or uniad (one model for several products: --data DIR1 DIR2 ...)")
+    p.add_argument("--family", default="efficientad", help="efficientad (default), uniad (one model for several products: --data DIR1 DIR2 ...) or patchcore (memory bank, no training loop)")
     p.add_argument("--data", help="dataset root (MVTec layout or good/ folder)")
     p.add_argument("--out", required=True, help="run directory (new or empty, or an interrupted run with --resume)")
     p.add_argument("--model", default="s", help="s (PDN-S) or m (PDN-M)")
@@ -576,18 +577,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``edgead train --data DIR --out RUN_DIR [--preset cpu] ...``; returns 0 on success.
 
-    ``--family uniad`` trains a UniAD (one model for several products) instead: ``build_engines.uniad.train``.
+    ``--family uniad`` (one model for several products) and ``--family patchcore`` (a memory bank, no training loop)
+    hand over to their toolchains (``build_engines.families``).
     """
     family_parser = argparse.ArgumentParser(add_help=False)
     family_parser.add_argument("--family", default="efficientad")
     known, _ = family_parser.parse_known_args(argv)
     family = check_choice("model family", known.family, FAMILIES)
-    if family == "uniad":
-        from ..uniad.train import main as uniad_main
-
-        return uniad_main(argv)
+    chain = toolchain(family)
+    if chain is not None:
+        return int(chain.load("train_main")(argv))
     if family != "efficientad":
-        raise ConfigError(message("--family", family, "efficientad or uniad", "GRAD is planned; use --family efficientad or uniad"))
+        raise ConfigError(message("--family", family, "efficientad, uniad or patchcore", "GRAD is planned; use --family efficientad, uniad or patchcore"))
     args = build_parser().parse_args(argv)
     if not args.resume and not args.data:
         raise ConfigError(message("--data", "nothing", "a dataset folder", "pass --data DIR (or --resume to continue a run)"))

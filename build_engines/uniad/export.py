@@ -11,9 +11,6 @@ serves every product. The neighbour mask is a constant initializer: no data-depe
 
 from __future__ import annotations
 
-import logging
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,14 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgead.errors import ConfigError, DataError, message
+from edgead.errors import ConfigError, message
 
 from .model import UniAD, anomaly_map, image_score
 from .train import FeatureExtractor, load_uniad_run
 
 __all__ = ["UniADGraph", "export_uniad_bundle", "product_calibration_images", "INT8_OPS"]
-
-log = logging.getLogger(__name__)
 
 
 class UniADGraph(nn.Module):
@@ -53,53 +48,21 @@ def export_uniad_bundle(run_dir: str | Path, out_dir: str | Path, *, opset: int 
     of good images, to calibrate an extra ``merged_int8`` variant; None skips INT8. INT8 covers the transformer;
     the backbone stays FP32 (``INT8_OPS``).
     """
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    import onnxsim
+    from edgead.bundle import check_bundle_target
 
-    from edgead import __version__
-    from edgead.bundle import ClassSpec, InputSpec, Manifest, PostprocessSpec, Producer, ThresholdSpec, VariantSpec, check_bundle_target, write_bundle
-    from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD
-
-    from ..export import export_onnx, simplify_onnx
-    from ..onnx_ops import check_tensorrt_compatible
+    from ..feature_distance import export_feature_distance_bundle
 
     out = check_bundle_target(out_dir, overwrite)
     run = load_uniad_run(run_dir)
     cfg = run.config
-    graph = UniADGraph(run.extractor, run.model, cfg.image_size, cfg.pool)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="edgead-uniad-export-") as tmp:
-        raw = export_onnx(graph, Path(tmp) / "raw.onnx", cfg.image_size, ("anomaly_map", "score"), opset=opset)
-        path = simplify_onnx(raw, Path(tmp) / "model_merged.onnx")
-        model_proto = onnx.load(str(path))
-        check_tensorrt_compatible(model_proto, "UniAD graph")
-        x = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            ref_map, ref_score = (t.numpy() for t in graph(x))
-        got_map, got_score = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["anomaly_map", "score"], {"image": x.numpy()})
-        err = max(float(np.max(np.abs(got_map - ref_map)) / max(float(np.max(np.abs(ref_map))), 1e-12)),
-                  float(np.max(np.abs(got_score - ref_score)) / max(float(np.max(np.abs(ref_score))), 1e-12)))
-        if err > 1e-4:
-            raise DataError(message("UniAD ONNX export", f"relative error {err:.2e} against PyTorch", "<= 1e-4", "report this as a bug (export mismatch)"))
-        files = {"merged": path}
-        if int8_calibration is not None:
-            files["merged_int8"] = _quantize(path, Path(tmp) / "model_merged_int8.onnx", cfg, int8_calibration, int8_images, int8_target)
-        classes = {name: ClassSpec(c["qa"], c["qb"], c["threshold"], c["method"]) for name, c in run.calibration.items()}
-        manifest = Manifest(
-            family="uniad",
-            size="base",
-            input=InputSpec(cfg.image_size, tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)),
-            variants={v: VariantSpec(f.name) for v, f in files.items()},
-            postprocess=PostprocessSpec.feature_distance(),
-            threshold=ThresholdSpec(max(c.threshold for c in classes.values()), "per product: see classes (this value is not used)"),
-            producer=Producer(__version__, torch.__version__, onnx.__version__, str(onnxsim.__version__), opset),
-            classes=classes,
-        )
-        bundle = write_bundle(out, manifest, {f.name: f for f in files.values()}, overwrite=overwrite)
-    log.info("UniAD bundle %s: products %s, variants %s, parity %.1e, %.1f s", bundle, ", ".join(classes), ", ".join(files), err, time.perf_counter() - t0)
-    return Path(bundle)
+
+    def int8(merged: Path, work: Path) -> dict[str, Path]:
+        if int8_calibration is None:
+            return {}
+        return {"merged_int8": _quantize(merged, work / "model_merged_int8.onnx", cfg, int8_calibration, int8_images, int8_target)}
+
+    return export_feature_distance_bundle(UniADGraph(run.extractor, run.model, cfg.image_size, cfg.pool), out, family="uniad", size="base",
+                                          image_size=cfg.image_size, calibration=run.calibration, opset=opset, overwrite=overwrite, extra_variants=int8)
 
 
 # INT8 covers the transformer only (its weight products, Gemm, and its attention products, MatMul). Measured on ball

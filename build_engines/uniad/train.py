@@ -35,8 +35,9 @@ from edgead.errors import ConfigError, DataError, message
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 
 from ..backbones import BACKBONES, StageGrid, load_backbone, parse_stages
-from ..calibrate import DEFAULT_THRESHOLD, QA, QB, fit_threshold, parse_threshold_method
+from ..calibrate import DEFAULT_THRESHOLD, parse_threshold_method
 from ..devices import resolve_device
+from ..feature_distance import calibrate_product
 from .model import UniAD, anomaly_map, image_score
 
 __all__ = ["UniADConfig", "FeatureExtractor", "train", "load_uniad_run", "calibrate_products", "main"]
@@ -159,16 +160,7 @@ def raw_outputs(model: UniAD, feats: np.ndarray, image_size: int, pool: int, bat
 
 def calibrate_products(model: UniAD, val: dict[str, np.ndarray], cfg: UniADConfig) -> dict[str, dict[str, Any]]:
     """Per product: qa/qb of its validation maps and the threshold of its validation scores (normalised as the runtime does)."""
-    out = {}
-    for product, feats in val.items():
-        maps, scores = raw_outputs(model, feats, cfg.image_size, cfg.pool)
-        qa, qb = (float(v) for v in np.quantile(maps.astype(np.float64).ravel(), [QA, QB]))
-        if not qb > qa:
-            raise DataError(message(f"{product} validation maps", f"q{QA}={qa}, q{QB}={qb}", "qb > qa", "hold out more (and varied) good images of this product"))
-        norm = (scores.astype(np.float64) - qa) * (0.1 / (qb - qa))
-        threshold, method = fit_threshold(norm, cfg.threshold_method)
-        out[product] = {"qa": qa, "qb": qb, "threshold": threshold, "method": method, "validation_images": len(norm), "validation_scores": [float(v) for v in norm]}
-    return out
+    return {product: calibrate_product(*raw_outputs(model, feats, cfg.image_size, cfg.pool), cfg.threshold_method, product) for product, feats in val.items()}
 
 
 def train(cfg: UniADConfig, *, resume: bool = False) -> Path:

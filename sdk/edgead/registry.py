@@ -36,6 +36,7 @@ class FamilySpec:
 FAMILIES: dict[str, FamilySpec] = {
     "efficientad": FamilySpec("efficientad", ("s", "m"), True),
     "uniad": FamilySpec("uniad", ("base",), True),
+    "patchcore": FamilySpec("patchcore", ("base",), True),
     "grad": FamilySpec("grad", ("base",), False),
 }
 

@@ -304,8 +304,8 @@ def test_invalid_schema(bundle: Path, version: object) -> None:
 
 
 def test_unknown_family(bundle: Path) -> None:
-    edit_manifest(bundle, lambda d: d.update(family="patchcore"))
-    refused(bundle, "'patchcore'", "upgrade")
+    edit_manifest(bundle, lambda d: d.update(family="fastflow"))
+    refused(bundle, "'fastflow'", "upgrade")
 
 
 def test_planned_family(bundle: Path) -> None:

@@ -17,6 +17,7 @@ def test_choices_are_case_insensitive_and_typos_get_suggestions() -> None:
 def test_planned_families_are_reserved_but_refused() -> None:
     assert family_spec("efficientad").sizes == ("s", "m")
     assert family_spec("uniad", require_available=False).name == "uniad"
+    assert family_spec("PatchCore").sizes == ("base",)
     with pytest.raises(ConfigError, match="planned"):
         family_spec("grad")
 
