@@ -64,12 +64,18 @@ def predict(
     pieces = [t for f in frames for t in tiling.cut(f)] if tiling is not None else frames
     x = np.stack([prepare(f, model.image_size, mean, std, image_color(f)) for f in pieces])
     maps, scores = merge_maps(*model_maps(model, x, batch_size=min(len(pieces), 16), device=device), post)
+    return stitch_frames(frames, maps, scores, tiling, post.pad)
+
+
+def stitch_frames(frames: list[np.ndarray], maps: np.ndarray, scores: np.ndarray, tiling: Tiling | None, pad: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-piece maps and scores of ``frames`` (their tiles in ``tiling.cut`` order, or the frames themselves) ->
+    one map and score per frame, as the ``Detector``: tile maps stitched at frame resolution, the max over tiles."""
     if tiling is None:
-        return list(maps), scores
+        return list(maps), np.asarray(scores, np.float32)
     out_maps, out_scores, start = [], [], 0
     for f in frames:
         n = len(tiling.layout(f.shape[0], f.shape[1]))
-        out_maps.append(tiling.stitch(maps[start : start + n], f.shape[0], f.shape[1], post.pad))
+        out_maps.append(tiling.stitch(maps[start : start + n], f.shape[0], f.shape[1], pad))
         out_scores.append(scores[start : start + n].max())
         start += n
     return out_maps, np.asarray(out_scores, np.float32)

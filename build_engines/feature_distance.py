@@ -29,8 +29,9 @@ from edgead.datasets import image_color
 from edgead.errors import ConfigError, DataError, message
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 from edgead.registry import check_choice
+from edgead.tiling import Tiling
 
-from .calibrate import QA, QB, fit_threshold
+from .calibrate import QA, QB, fit_threshold, frame_scores
 
 __all__ = ["OUTPUTS", "calibrate_product", "export_feature_distance_bundle", "feature_distance_predictor"]
 
@@ -40,9 +41,10 @@ OUTPUTS = ("anomaly_map", "score")
 PARITY = 1e-4  # relative error of the ONNX graph against PyTorch
 
 
-def calibrate_product(maps: np.ndarray, scores: np.ndarray, method: str, product: str) -> dict[str, Any]:
+def calibrate_product(maps: np.ndarray, scores: np.ndarray, method: str, product: str, groups: np.ndarray | None = None) -> dict[str, Any]:
     """One product's calibration from the raw maps (N, h, w) and scores (N,) of its held-out good images:
     qa/qb (quantiles 0.9 / 0.995 of all map cells, as EfficientAD) and the threshold of the normalised scores.
+    With a tiling the rows are tiles and ``groups`` names each tile's image: an image's score is its tiles' max.
 
     >>> c = calibrate_product(np.arange(200.0).reshape(2, 10, 10), np.array([150.0, 190.0]), "max", "p")
     >>> round(c["qa"], 1), round(c["qb"], 1), round(c["threshold"], 3)
@@ -51,7 +53,7 @@ def calibrate_product(maps: np.ndarray, scores: np.ndarray, method: str, product
     qa, qb = (float(v) for v in np.quantile(np.asarray(maps, np.float64).ravel(), [QA, QB]))
     if not qb > qa:
         raise DataError(message(f"{product} validation maps", f"q{QA}={qa}, q{QB}={qb}", "qb > qa", "hold out more (and varied) good images of this product"))
-    norm = (np.asarray(scores, np.float64) - qa) * (0.1 / (qb - qa))
+    norm = (frame_scores(np.asarray(scores, np.float64), groups) - qa) * (0.1 / (qb - qa))
     threshold, how = fit_threshold(norm, method)
     return {"qa": qa, "qb": qb, "threshold": threshold, "method": how, "validation_images": len(norm), "validation_scores": [float(v) for v in norm]}
 
@@ -67,9 +69,11 @@ def export_feature_distance_bundle(
     opset: int,
     overwrite: bool,
     extra_variants: Callable[[Path, Path], dict[str, Path]] | None = None,
+    tiling: Tiling | None = None,
 ) -> Path:
     """Export ``graph`` (eval mode) as the bundle's ``merged`` variant, checked against PyTorch (<= 1e-4 relative) and
-    TensorRT's operator table; ``extra_variants(merged_onnx, workdir)`` may add variants (UniAD's INT8)."""
+    TensorRT's operator table; ``extra_variants(merged_onnx, workdir)`` may add variants (UniAD's INT8). ``tiling``:
+    the tile layout the runtime cuts frames into (part of the bundle's input)."""
     import onnx
     import onnxruntime as ort
     import onnxsim
@@ -100,7 +104,7 @@ def export_feature_distance_bundle(
         manifest = Manifest(
             family=family,
             size=size,
-            input=InputSpec(image_size, tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)),
+            input=InputSpec(image_size, tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), tiling=tiling),
             variants={v: VariantSpec(f.name) for v, f in files.items()},
             postprocess=PostprocessSpec.feature_distance(),
             threshold=ThresholdSpec(max(c.threshold for c in classes.values()), "per product: see classes (this value is not used)"),
@@ -113,22 +117,26 @@ def export_feature_distance_bundle(
 
 
 def feature_distance_predictor(
-    graph: nn.Module, image_size: int, calibration: Mapping[str, Mapping[str, Any]], product: str
+    graph: nn.Module, image_size: int, calibration: Mapping[str, Mapping[str, Any]], product: str, tiling: Tiling | None = None
 ) -> tuple[str, Callable[[list[np.ndarray]], tuple[list[np.ndarray], np.ndarray]], float, str, list[float]]:
-    """(product, predict(frames) -> (normalised maps at grid resolution, scores), threshold, method, validation scores):
-    the graph's raw outputs with the product's affine, as the runtime applies it."""
+    """(product, predict(frames) -> (normalised maps, scores), threshold, method, validation scores): the graph's raw
+    outputs with the product's affine, as the runtime applies it. Maps at grid resolution; with a tiling, each frame's
+    tile maps stitched at frame resolution and its score the max over its tiles (as the ``Detector``)."""
     if product not in calibration:
         raise ConfigError(message("product", repr(product), f"one of the run's products {sorted(calibration)}", "pass --product NAME (the data folder names the product by default)"))
     product = check_choice("product", product, tuple(calibration))
     cal = calibration[product]
     scale = 0.1 / (cal["qb"] - cal["qa"])
+    from .evaluate import stitch_frames
+
     graph.eval()
 
     @torch.no_grad()
     def predict(frames: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
-        x = torch.from_numpy(np.stack([prepare(f, image_size, IMAGENET_MEAN, IMAGENET_STD, image_color(f)) for f in frames]))
+        pieces = [t for f in frames for t in tiling.cut(f)] if tiling is not None else frames
+        x = torch.from_numpy(np.stack([prepare(f, image_size, IMAGENET_MEAN, IMAGENET_STD, image_color(f)) for f in pieces]))
         amap, score = graph(x)
         maps = ((amap[:, 0].double() - cal["qa"]) * scale).float().numpy()
-        return list(maps), ((score.double() - cal["qa"]) * scale).float().numpy()
+        return stitch_frames(frames, maps, ((score.double() - cal["qa"]) * scale).float().numpy(), tiling, 0)
 
     return product, predict, float(cal["threshold"]), str(cal["method"]), list(cal.get("validation_scores", []))

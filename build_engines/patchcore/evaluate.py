@@ -16,4 +16,4 @@ __all__ = ["patchcore_predictor"]
 def patchcore_predictor(run_dir: str | Path, product: str) -> tuple[str, Callable[[list[np.ndarray]], tuple[list[np.ndarray], np.ndarray]], float, str, list[float]]:
     """(product, predict(frames) -> (normalised maps at grid resolution, scores), threshold, method, validation scores)."""
     run = load_patchcore_run(run_dir)
-    return feature_distance_predictor(run.graph, run.config.image_size, run.calibration, product)
+    return feature_distance_predictor(run.graph, run.config.image_size, run.calibration, product, run.config.tiling)

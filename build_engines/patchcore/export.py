@@ -29,4 +29,4 @@ def export_patchcore_bundle(run_dir: str | Path, out_dir: str | Path, *, opset: 
     run = load_patchcore_run(run_dir)
     cfg = run.config
     return export_feature_distance_bundle(run.graph, out, family="patchcore", size="base", image_size=cfg.image_size,
-                                          calibration=run.calibration, opset=opset, overwrite=overwrite)
+                                          calibration=run.calibration, opset=opset, overwrite=overwrite, tiling=cfg.tiling)

@@ -1,6 +1,8 @@
 """`edgead train --family patchcore`: a memory-bank detector of one product, built in minutes on a CPU, no training loop.
 
 1. ``train/good`` is split as for every family (``--val-fraction`` held out for calibration, never a test image);
+   with ``--tile T --tile-overlap O`` every image is cut into tiles first (the layout goes into the bundle, and the
+   ``Detector`` cuts frames the same way: small defects in large frames keep their pixels);
 2. the frozen backbone's feature grid of every training image is computed (``StageGrid``: ``--backbone``,
    ``--stages``, stride 16 at ``--image-size``), and standardised per channel;
 3. a greedy k-center coreset keeps ``--coreset`` of the grid features (at most ``--max-bank``): the bank;
@@ -31,6 +33,7 @@ import torch
 from edgead.datasets import image_color, open_dataset, read_image, split_train_val
 from edgead.errors import ConfigError, DataError, message
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
+from edgead.tiling import Tiling
 
 from ..backbones import BACKBONES, StageGrid, load_backbone, parse_stages
 from ..calibrate import DEFAULT_THRESHOLD, parse_threshold_method
@@ -60,6 +63,8 @@ class PatchCoreConfig:
     seed: int = 0
     batch_size: int = 16
     threshold_method: str = DEFAULT_THRESHOLD
+    tile: int | None = None  # cut every image into tiles of this many frame pixels (each resized to image_size)
+    tile_overlap: int = 0
     family: str = "patchcore"
 
     def validate(self) -> PatchCoreConfig:
@@ -76,7 +81,14 @@ class PatchCoreConfig:
         for name in ("max_bank", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(message(f"--{name.replace('_', '-')}", getattr(self, name), "an integer >= 1", "use the default"))
+        if self.tile is None and self.tile_overlap:
+            raise ConfigError(message("--tile-overlap", self.tile_overlap, "no overlap without --tile", "pass --tile T as well, or drop --tile-overlap"))
+        _ = self.tiling  # Tiling checks tile and overlap
         return self
+
+    @property
+    def tiling(self) -> Tiling | None:
+        return None if self.tile is None else Tiling(int(self.tile), int(self.tile_overlap))
 
     @property
     def product(self) -> str:
@@ -88,14 +100,27 @@ def _grid(cfg: PatchCoreConfig) -> StageGrid:
 
 
 @torch.no_grad()
-def _grid_features(grid: StageGrid, paths: list[Path], size: int, batch: int) -> torch.Tensor:
-    """(N, C, h, w) raw grid features of the images at ``paths``."""
-    out = []
-    for i in range(0, len(paths), batch):
-        frames = [read_image(p) for p in paths[i : i + batch]]
-        x = torch.from_numpy(np.stack([prepare(f, size, IMAGENET_MEAN, IMAGENET_STD, image_color(f)) for f in frames]))
-        out.append(grid(x))
-    return torch.cat(out)
+def _grid_features(grid: StageGrid, paths: list[Path], size: int, batch: int, tiling: Tiling | None) -> tuple[torch.Tensor, np.ndarray]:
+    """(N, C, h, w) raw grid features of the images at ``paths`` (of each of their tiles, with a tiling) and the image
+    index of each row."""
+    out: list[torch.Tensor] = []
+    owner: list[int] = []
+    pending: list[np.ndarray] = []
+
+    def flush() -> None:
+        if pending:
+            out.append(grid(torch.from_numpy(np.stack([prepare(f, size, IMAGENET_MEAN, IMAGENET_STD, image_color(f)) for f in pending]))))
+            pending.clear()
+
+    for i, path in enumerate(paths):
+        image = read_image(path)
+        for piece in tiling.cut(image) if tiling is not None else [image]:
+            pending.append(piece)
+            owner.append(i)
+            if len(pending) == batch:
+                flush()
+    flush()
+    return torch.cat(out), np.asarray(owner, np.int64)
 
 
 @torch.no_grad()
@@ -116,7 +141,7 @@ def train(cfg: PatchCoreConfig) -> Path:
     t0 = time.perf_counter()
     grid = _grid(cfg)
     log.info("%s: features of %d train / %d validation images", cfg.product, len(tr), len(va))
-    feats = _grid_features(grid, tr, cfg.image_size, cfg.batch_size)
+    feats, _ = _grid_features(grid, tr, cfg.image_size, cfg.batch_size, cfg.tiling)
     c = feats.shape[1]
     rows = feats.permute(0, 2, 3, 1).reshape(-1, c)
     mean, std = rows.mean(0), rows.std(0)
@@ -130,13 +155,13 @@ def train(cfg: PatchCoreConfig) -> Path:
     bank = rows[greedy_coreset(rows, n_bank, seed=cfg.seed)] if n_bank < rows.shape[0] else rows
     t_coreset = time.perf_counter() - t1
     graph = PatchCoreGraph(grid, mean, std, bank)
-    val = graph.standardise(_grid_features(grid, va, cfg.image_size, cfg.batch_size))
-    calibration = {cfg.product: calibrate_product(*_raw_outputs(graph, val), cfg.threshold_method, cfg.product)}
+    val, owner = _grid_features(grid, va, cfg.image_size, cfg.batch_size, cfg.tiling)
+    calibration = {cfg.product: calibrate_product(*_raw_outputs(graph, graph.standardise(val)), cfg.threshold_method, cfg.product, owner)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     torch.save({"mean": mean, "std": std, "bank": bank.contiguous()}, out / "model.pt")
     (out / "calibration.json").write_text(json.dumps(calibration, indent=2))
-    done = {"event": "done", "train_images": len(tr), "validation_images": len(va), "train_features": int(rows.shape[0]), "bank": int(bank.shape[0]),
+    done = {"event": "done", "train_images": len(tr), "validation_images": len(va), "train_tiles": int(feats.shape[0]), "train_features": int(rows.shape[0]), "bank": int(bank.shape[0]),
             "features_s": round(t_features, 1), "coreset_s": round(t_coreset, 1), "total_s": round(time.perf_counter() - t0, 1)}
     (out / "log.jsonl").write_text(json.dumps(done) + "\n")
     log.info("PatchCore run %s: bank %d of %d features, %.0f s", out, bank.shape[0], rows.shape[0], time.perf_counter() - t0)
@@ -177,11 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold", default=DEFAULT_THRESHOLD, help=f"image threshold from the validation-good scores: sigma:K | quantile:Q | max (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--tile", type=int, default=None, help="cut frames into tiles of T pixels (small defects in large frames); part of the bundle")
+    p.add_argument("--tile-overlap", type=int, default=0, help="minimum overlap of neighbouring tiles in pixels (e.g. a quarter of --tile)")
     a = p.parse_args(argv)
     data = list(a.data or [])
     if len(data) > 1:
         raise ConfigError(message("--data", f"{len(data)} folders", "one data set: a PatchCore bank describes one product", "train one run per product, or --family uniad for one model of several"))
     cfg = PatchCoreConfig(data=data[0] if data else "", out=a.out, backbone=a.backbone, stages=a.stages, image_size=a.image_size, coreset=a.coreset,
-                          max_bank=a.max_bank, val_fraction=a.val_fraction, seed=a.seed, threshold_method=a.threshold)
+                          max_bank=a.max_bank, val_fraction=a.val_fraction, seed=a.seed, threshold_method=a.threshold, tile=a.tile, tile_overlap=a.tile_overlap)
     print(f"run written to {train(cfg)}")
     return 0

@@ -131,6 +131,33 @@ def test_cli_path_train_eval_export_detector(run: Path, data: Path, tmp_path: Pa
     np.testing.assert_allclose(got.score, predict([frame])[1][0], rtol=1e-4, atol=1e-5)  # the bundle scores as the run
 
 
+def test_a_tiled_bank_scores_frames_as_the_tiled_detector(data: Path, tmp_path: Path) -> None:
+    """Tiles of 64 px overlapping by 16 on the 128 px images: 3 x 3 tiles per image, each at the model's 64 px."""
+    from build_engines.export import export_bundle
+    from build_engines.patchcore.evaluate import patchcore_predictor
+    from build_engines.patchcore.train import train
+
+    cfg = PatchCoreConfig(data=str(data), out=str(tmp_path / "tiled"), image_size=64, coreset=1.0, tile=64, tile_overlap=16)
+    run = train(cfg)
+    log = json.loads((run / "log.jsonl").read_text())
+    assert log["train_tiles"] == 11 * 9 and log["bank"] == 11 * 9 * 4 * 4  # every tile's 4 x 4 grid, full bank
+    cal = json.loads((run / "calibration.json").read_text())["screws"]
+    assert cal["validation_images"] == 1  # one score per held-out image (the max over its 9 tiles), not per tile
+    bundle = export_bundle(run, tmp_path / "bundle")
+    assert json.loads((bundle / "manifest.json").read_text())["input"]["tiling"] == {"tile": 64, "overlap": 16}
+    frames = [read_image(s.path) for s in open_dataset(data).test[:3]]
+    _, predict, *_ = patchcore_predictor(run, "screws")
+    maps, scores = predict(frames)
+    with Detector(bundle, backend="onnxruntime", threads=1) as det:
+        got = det.infer_batch(frames, color=image_color(frames[0]))
+    for m, sc, r, f in zip(maps, scores, got, frames, strict=True):
+        assert m.shape == r.anomaly_map.shape == f.shape[:2]  # stitched at frame resolution
+        np.testing.assert_allclose(r.score, sc, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(r.anomaly_map, m, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ConfigError, match="tile-overlap"):
+        PatchCoreConfig(data=str(data), out=str(tmp_path / "x"), tile_overlap=8).validate()
+
+
 def test_patchcore_option_errors(data: Path, run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from build_engines.export import export_bundle
     from edgead.cli import main as cli
