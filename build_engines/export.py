@@ -239,7 +239,7 @@ def export_bundle(
     run_dir: str | Path,
     out_dir: str | Path,
     *,
-    variants: Sequence[str] = VARIANTS,
+    variants: Sequence[str] | None = None,
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     int8_calibration: str | Path | None = None,
@@ -261,12 +261,15 @@ def export_bundle(
     from build_engines.families import run_family, toolchain
     from edgead.bundle import check_bundle_target
 
-    variants = _check_variants(variants)
     _check_opset(opset)
     out_dir = check_bundle_target(out_dir, overwrite)  # before any work: a file, a non-bundle folder, engines that would be lost
-    family = toolchain(run_family(run_dir))
+    name = run_family(run_dir)
+    family = toolchain(name)
     if family is not None:
+        if variants is not None and tuple(variants) != ("merged",):
+            raise ConfigError(message("--variant", ", ".join(variants), f"merged (a {name} bundle has one graph: image -> map and score)", "drop --variant"))
         return family.load("export_bundle")(run_dir, out_dir, opset=opset, overwrite=overwrite, int8_calibration=int8_calibration, int8_images=int8_images, int8_target=int8_target)
+    variants = _check_variants(VARIANTS if variants is None else variants)
     run = load_run(run_dir)
     model = run.model.eval()
     post = run.post
@@ -346,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
-    parser.add_argument("--variant", action="append", choices=VARIANTS, help="variants to export (default: merged and raw)")
+    parser.add_argument("--variant", action="append", choices=VARIANTS, help="variants to export (default: merged and raw; UniAD and PatchCore: merged, their only one)")
     parser.add_argument("--int8", action="store_true", help="also write an INT8 (QDQ) merged variant calibrated on good images")
     parser.add_argument("--int8-images", default="train", help="folder of good images for INT8 calibration (default: the run's training folder)")
     parser.add_argument("--int8-max-images", type=int, default=64)
@@ -355,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     export_bundle(
         args.run_dir,
         args.out,
-        variants=tuple(args.variant or VARIANTS),
+        variants=tuple(args.variant) if args.variant else None,
         opset=args.opset,
         overwrite=args.overwrite,
         int8_calibration=args.int8_images if args.int8 else None,

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 OUTPUTS = ("anomaly_map", "score")
 PARITY = 1e-4  # relative error of the ONNX graph against PyTorch
+CHUNK = 16  # images (tiles) per graph call in the predictor
 
 
 def calibrate_product(maps: np.ndarray, scores: np.ndarray, method: str, product: str, groups: np.ndarray | None = None) -> dict[str, Any]:
@@ -117,13 +118,17 @@ def export_feature_distance_bundle(
 
 
 def feature_distance_predictor(
-    graph: nn.Module, image_size: int, calibration: Mapping[str, Mapping[str, Any]], product: str, tiling: Tiling | None = None
+    graph: nn.Module, image_size: int, calibration: Mapping[str, Mapping[str, Any]], product: str | None, data_name: str, tiling: Tiling | None = None
 ) -> tuple[str, Callable[[list[np.ndarray]], tuple[list[np.ndarray], np.ndarray]], float, str, list[float]]:
     """(product, predict(frames) -> (normalised maps, scores), threshold, method, validation scores): the graph's raw
     outputs with the product's affine, as the runtime applies it. Maps at grid resolution; with a tiling, each frame's
-    tile maps stitched at frame resolution and its score the max over its tiles (as the ``Detector``)."""
-    if product not in calibration:
-        raise ConfigError(message("product", repr(product), f"one of the run's products {sorted(calibration)}", "pass --product NAME (the data folder names the product by default)"))
+    tile maps stitched at frame resolution and its score the max over its tiles (as the ``Detector``).
+
+    ``product`` None: the run's only product, or (several) the one named ``data_name`` (the data set's folder)."""
+    if product is None:
+        product = next(iter(calibration)) if len(calibration) == 1 else data_name
+        if product not in calibration:
+            raise ConfigError(message("product", f"{product!r} (the data folder's name)", f"one of the run's products {sorted(calibration)}", "pass --product NAME"))
     product = check_choice("product", product, tuple(calibration))
     cal = calibration[product]
     scale = 0.1 / (cal["qb"] - cal["qa"])
@@ -135,7 +140,9 @@ def feature_distance_predictor(
     def predict(frames: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
         pieces = [t for f in frames for t in tiling.cut(f)] if tiling is not None else frames
         x = torch.from_numpy(np.stack([prepare(f, image_size, IMAGENET_MEAN, IMAGENET_STD, image_color(f)) for f in pieces]))
-        amap, score = graph(x)
+        # in chunks, as the runtime's max batch: PatchCore's distances are pieces x cells x bank floats at once
+        outs = [graph(x[i : i + CHUNK]) for i in range(0, len(x), CHUNK)]
+        amap, score = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         maps = ((amap[:, 0].double() - cal["qa"]) * scale).float().numpy()
         return stitch_frames(frames, maps, ((score.double() - cal["qa"]) * scale).float().numpy(), tiling, 0)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,9 +200,18 @@ def _parse_onnx(trt_mod: Any, builder: trt.Builder, logger: trt.ILogger, onnx_pa
     return network, parser
 
 
-# ONNX name scopes of the networks inside the graphs EdgeAD exports (the submodules' names): EfficientAD's MergedGraph
-# ``raw``, UniADGraph's ``extractor`` and ``model``, PatchCoreGraph's ``grid``. Every other layer is the map tail.
-_NETWORK_SCOPES = ("/raw/", "/extractor/", "/model/", "/grid/")
+# The map tail is what the exported graphs compute at their top level, outside their networks: PyTorch names those
+# ONNX nodes "/Op" or "/Op_N", and every node of a network submodule "/module/..." (EfficientAD's raw networks, the
+# backbone grid, UniAD's transformer). Nodes onnxsim made by fusing (UniAD's Linear layers -> "Gemm_12") carry no
+# scope at all: they are network layers too.
+_TAIL_NAME = re.compile(r"/[^/]+")
+
+
+def map_tail_layers(trt_mod: Any, network: trt.INetworkDefinition) -> list[trt.ILayer]:
+    """The layers of the anomaly-map tail: top-level PyTorch node names, never a quantize / dequantize layer."""
+    qdq = (trt_mod.LayerType.QUANTIZE, trt_mod.LayerType.DEQUANTIZE)
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    return [layer for layer in layers if _TAIL_NAME.fullmatch(layer.name) and layer.type not in qdq]
 
 
 def keep_map_tail_fp32(trt_mod: Any, network: trt.INetworkDefinition, config: trt.IBuilderConfig) -> int:
@@ -211,12 +221,11 @@ def keep_map_tail_fp32(trt_mod: Any, network: trt.INetworkDefinition, config: tr
     over 384 channels, quantile affines, pad, max; UniAD: the feature-reconstruction distance and pooling; PatchCore:
     the standardisation and the distance GEMM ``|f|^2 - 2 f.b + |b|^2`` against the bank, whose terms of ~256 cancel)
     must not: squares of strong anomalies overflow FP16 (65504) and the rounding (~1e-3 relative) sits right at the
-    decision threshold. Layers of the networks (ONNX names under ``_NETWORK_SCOPES``) stay free; every other layer
-    gets ``precision = float32`` and FP32 outputs, with
-    ``OBEY_PRECISION_CONSTRAINTS``. (TensorRT 10.12+ prefers strongly typed networks; precision constraints
-    still build on 10.3, JetPack 6's version.) A raw graph has no tail: 0 layers.
+    decision threshold. The tail's layers (``map_tail_layers``) get ``precision = float32`` and FP32 outputs, with
+    ``OBEY_PRECISION_CONSTRAINTS``; the networks stay free. (TensorRT 10.12+ prefers strongly typed networks;
+    precision constraints still build on 10.3, JetPack 6's version.) A raw graph has no tail: 0 layers.
     """
-    tail = [network.get_layer(i) for i in range(network.num_layers) if not network.get_layer(i).name.startswith(_NETWORK_SCOPES)]
+    tail = map_tail_layers(trt_mod, network)
     if not tail:
         return 0
     for layer in tail:

@@ -35,9 +35,11 @@ def weights(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _convs(w: dict[str, np.ndarray]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def _convs(w: dict[str, np.ndarray], scope: str = "") -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The three networks, named as PyTorch names them: ``/teacher/Conv`` (raw graph), ``/raw/teacher/Conv`` (merged)."""
     inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
-    nodes = [helper.make_node("Conv", ["image", k], [out], kernel_shape=[4, 4], strides=[4, 4]) for k, out in (("w_t", "teacher"), ("w_s", "student"), ("w_a", "autoencoder"))]
+    nodes = [helper.make_node("Conv", ["image", k], [out], name=f"{scope}/{out}/Conv", kernel_shape=[4, 4], strides=[4, 4])
+             for k, out in (("w_t", "teacher"), ("w_s", "student"), ("w_a", "autoencoder"))]
     return nodes, inits
 
 
@@ -55,7 +57,7 @@ def raw_model(w: dict[str, np.ndarray]) -> onnx.ModelProto:
 
 
 def merged_model(w: dict[str, np.ndarray]) -> onnx.ModelProto:
-    nodes, inits = _convs(w)
+    nodes, inits = _convs(w, "/raw")
     h = IMAGE_SIZE // 4
     st_scale = 0.1 / (Q["qb_st"] - Q["qa_st"])
     ae_scale = 0.1 / (Q["qb_ae"] - Q["qa_ae"])
@@ -84,6 +86,8 @@ def merged_model(w: dict[str, np.ndarray]) -> onnx.ModelProto:
         helper.make_node("Pad", ["merged", "pads"], ["anomaly_map"], mode="edge"),
         helper.make_node("ReduceMax", ["anomaly_map"], ["score"], axes=[1, 2, 3], keepdims=0),
     ]
+    for i, node in enumerate(nodes[3:]):  # the map tail at the graph's top level: "/Sub_1", as PyTorch names it
+        node.name = f"/{node.op_type}_{i}"
     ins, outs = _io([("anomaly_map", ["N", 1, h + 2 * PAD, h + 2 * PAD]), ("score", ["N"])])
     graph = helper.make_graph(nodes, "tiny_merged", ins, outs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

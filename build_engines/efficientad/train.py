@@ -588,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     if chain is not None:
         return int(chain.load("train_main")(argv))
     if family != "efficientad":
-        raise ConfigError(message("--family", family, "efficientad, uniad or patchcore", "GRAD is planned; use --family efficientad, uniad or patchcore"))
+        available = ", ".join(f.name for f in FAMILIES.values() if f.available)
+        raise ConfigError(message("--family", family, f"one of {available}", f"{family} is planned, not yet trainable; use one of {available}"))
     args = build_parser().parse_args(argv)
     if not args.resume and not args.data:
         raise ConfigError(message("--data", "nothing", "a dataset folder", "pass --data DIR (or --resume to continue a run)"))

@@ -10,9 +10,9 @@
 
     edgead train --family patchcore --data data/ballscrew --out runs/ballscrew_pc
 
-The work grows with the bank: each image costs (S/16)^2 x bank x channels multiply-adds in the distance GEMM
-(224 px, 13 000 x 256: 0.65 GFLOP, about as much as the Lite0 backbone), and the bank is stored in the bundle
-(4 bytes x bank x channels: 13 MB). ``--max-bank`` bounds both for large training sets.
+The work grows with the bank: each image costs 2 x (S/16)^2 x bank x channels FLOPs in the distance GEMM
+(224 px, 10 000 x 256: 1.0 GFLOP, twice the Lite0 backbone's 0.49), and the bank is stored in the bundle
+(4 bytes x bank x channels: 10 MB). ``--max-bank`` bounds both for large training sets.
 
 Run folder: ``config.json``, ``model.pt`` (feature statistics and bank), ``calibration.json``, ``log.jsonl``.
 """
@@ -46,6 +46,7 @@ __all__ = ["PatchCoreConfig", "PatchCoreRun", "train", "load_patchcore_run", "ma
 log = logging.getLogger(__name__)
 
 STRIDE = 16
+MAX_BANK_BYTES = 1.5 * 2**30  # the bank is an initializer of the ONNX graph, whose protobuf file is limited to 2 GiB
 
 
 @dataclass
@@ -100,9 +101,11 @@ def _grid(cfg: PatchCoreConfig) -> StageGrid:
 
 
 @torch.no_grad()
-def _grid_features(grid: StageGrid, paths: list[Path], size: int, batch: int, tiling: Tiling | None) -> tuple[torch.Tensor, np.ndarray]:
+def _grid_features(grid: StageGrid, paths: list[Path], size: int, batch: int, tiling: Tiling | None, what: str) -> tuple[torch.Tensor, np.ndarray]:
     """(N, C, h, w) raw grid features of the images at ``paths`` (of each of their tiles, with a tiling) and the image
     index of each row."""
+    from tqdm import tqdm
+
     out: list[torch.Tensor] = []
     owner: list[int] = []
     pending: list[np.ndarray] = []
@@ -112,7 +115,7 @@ def _grid_features(grid: StageGrid, paths: list[Path], size: int, batch: int, ti
             out.append(grid(torch.from_numpy(np.stack([prepare(f, size, IMAGENET_MEAN, IMAGENET_STD, image_color(f)) for f in pending]))))
             pending.clear()
 
-    for i, path in enumerate(paths):
+    for i, path in enumerate(tqdm(paths, desc=what, unit="img", dynamic_ncols=True)):
         image = read_image(path)
         for piece in tiling.cut(image) if tiling is not None else [image]:
             pending.append(piece)
@@ -134,34 +137,40 @@ def train(cfg: PatchCoreConfig) -> Path:
     """Build the bank of ``cfg.data``'s training goods, calibrate on its held-out goods; return the run folder."""
     cfg.validate()
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(message("run directory", f"{out} (exists and is not empty)", "a new or empty directory", "choose another --out"))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(message("run directory", f"{out} (exists and is not an empty folder)", "a new or empty directory", "choose another --out"))
     ds = open_dataset(cfg.data)
     tr, va = split_train_val(ds.train_good, cfg.val_fraction, cfg.seed)
     t0 = time.perf_counter()
     grid = _grid(cfg)
     log.info("%s: features of %d train / %d validation images", cfg.product, len(tr), len(va))
-    feats, _ = _grid_features(grid, tr, cfg.image_size, cfg.batch_size, cfg.tiling)
-    c = feats.shape[1]
-    rows = feats.permute(0, 2, 3, 1).reshape(-1, c)
-    mean, std = rows.mean(0), rows.std(0)
+    feats, _ = _grid_features(grid, tr, cfg.image_size, cfg.batch_size, cfg.tiling, "train features")
+    n_pieces, c = feats.shape[:2]
+    rows = feats.permute(0, 2, 3, 1).reshape(-1, c)  # one copy of the features in memory at a time: 4 bytes x rows x C
+    del feats
     if not bool(torch.isfinite(rows).all()):
         raise DataError(message("training features", "NaN or infinite values", "finite features", "check the training images (corrupt files?)"))
-    std = std.clamp_min(1e-6)  # a channel constant over the goods (a dead unit) weighs nothing, it does not divide by zero
-    rows = (rows - mean) / std
+    mean, std = rows.mean(0), rows.std(0)
+    # a channel (nearly) constant over the goods must not turn its smallest deviation into a huge distance: its std is
+    # floored at 1 % of the median channel's
+    std = std.clamp_min(0.01 * float(std.median()) + 1e-12)
+    rows.sub_(mean).div_(std)
     t_features = time.perf_counter() - t0
     n_bank = min(cfg.max_bank, max(1, int(round(cfg.coreset * rows.shape[0]))))
+    if n_bank * c * 4 > MAX_BANK_BYTES:
+        raise ConfigError(message("memory bank", f"{n_bank} x {c} float32 ({n_bank * c * 4 / 2**30:.1f} GiB)", f"at most {MAX_BANK_BYTES / 2**30:.1f} GiB (ONNX's 2 GiB file limit)",
+                                  "lower --max-bank or --coreset"))
     t1 = time.perf_counter()
     bank = rows[greedy_coreset(rows, n_bank, seed=cfg.seed)] if n_bank < rows.shape[0] else rows
     t_coreset = time.perf_counter() - t1
     graph = PatchCoreGraph(grid, mean, std, bank)
-    val, owner = _grid_features(grid, va, cfg.image_size, cfg.batch_size, cfg.tiling)
+    val, owner = _grid_features(grid, va, cfg.image_size, cfg.batch_size, cfg.tiling, "validation features")
     calibration = {cfg.product: calibrate_product(*_raw_outputs(graph, graph.standardise(val)), cfg.threshold_method, cfg.product, owner)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     torch.save({"mean": mean, "std": std, "bank": bank.contiguous()}, out / "model.pt")
     (out / "calibration.json").write_text(json.dumps(calibration, indent=2))
-    done = {"event": "done", "train_images": len(tr), "validation_images": len(va), "train_tiles": int(feats.shape[0]), "train_features": int(rows.shape[0]), "bank": int(bank.shape[0]),
+    done = {"event": "done", "train_images": len(tr), "validation_images": len(va), "train_tiles": int(n_pieces), "train_features": int(rows.shape[0]), "bank": int(bank.shape[0]),
             "features_s": round(t_features, 1), "coreset_s": round(t_coreset, 1), "total_s": round(time.perf_counter() - t0, 1)}
     (out / "log.jsonl").write_text(json.dumps(done) + "\n")
     log.info("PatchCore run %s: bank %d of %d features, %.0f s", out, bank.shape[0], rows.shape[0], time.perf_counter() - t0)
@@ -192,15 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     """``edgead train --family patchcore --data DIR --out RUN [...]``."""
     p = argparse.ArgumentParser(prog="edgead train --family patchcore", description=__doc__.split("\n\n")[0])
     p.add_argument("--family", default="patchcore")
-    p.add_argument("--data", nargs="+", help="the data set folder (MVTec layout); its name is the product")
-    p.add_argument("--out", required=True)
-    p.add_argument("--backbone", default="efficientnet-lite0")
-    p.add_argument("--stages", default="2,3,4,5")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--coreset", type=float, default=0.1, help="fraction of the training goods' grid features kept in the bank (greedy k-center)")
-    p.add_argument("--max-bank", type=int, default=20000, help="at most this many bank features (bounds latency and bundle size)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", nargs="+", action="extend", metavar="DIR", help="the data set folder (MVTec layout); its name is the product")
+    p.add_argument("--out", required=True, metavar="RUN", help="new (or empty) run folder")
+    p.add_argument("--backbone", default="efficientnet-lite0", help="efficientnet-lite0 (default), -lite1 or -lite2")
+    p.add_argument("--stages", default="2,3,4,5", help="backbone stages of the grid (default 2,3,4,5: the probe's choice)")
+    p.add_argument("--image-size", type=int, default=224, help="model input in pixels, a multiple of 16 (default 224)")
+    p.add_argument("--coreset", type=float, default=0.1, help="fraction of the training goods' grid features kept in the bank (greedy k-center, default 0.1)")
+    p.add_argument("--max-bank", type=int, default=20000, help="at most this many bank features (bounds latency and bundle size; default 20000)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train/good held out for calibration (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="split and coreset seed")
     p.add_argument("--threshold", default=DEFAULT_THRESHOLD, help=f"image threshold from the validation-good scores: sigma:K | quantile:Q | max (default {DEFAULT_THRESHOLD})")
     p.add_argument("--tile", type=int, default=None, help="cut frames into tiles of T pixels (small defects in large frames); part of the bundle")
     p.add_argument("--tile-overlap", type=int, default=0, help="minimum overlap of neighbouring tiles in pixels (e.g. a quarter of --tile)")

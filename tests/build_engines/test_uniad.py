@@ -204,12 +204,20 @@ def test_a_uniad_bundle_builds_a_tensorrt_engine_and_runs_on_it(run: Path, tmp_p
     from build_engines.export import export_bundle
     from build_engines.trt_build import build_into_bundle
 
-    bundle = export_bundle(run, tmp_path / "b")
+    bundle = export_bundle(run, tmp_path / "b", int8_calibration="train", int8_images=2, int8_target="tensorrt")
     frames = [np.random.default_rng(i).integers(0, 256, (70 + 9 * i, 100, 3), dtype=np.uint8) for i in range(3)]
+    network_ops = {"Conv", "Gemm", "MatMul", "Softmax", "LayerNormalization", "QuantizeLinear", "DequantizeLinear"}
     with simdevice.installed(monkeypatch) as sim:
+        build_into_bundle(bundle, variant="merged_int8", precision="int8", max_batch=4)
+        ops = {n.name: n.op_type for n in onnx.load(str(bundle / "model_merged_int8.onnx")).graph.node}
+        tail = {ops[n] for n in sim.trt.builds[-1]["fp32_layers"]}
+        assert {"Sqrt", "ReduceMax"} <= tail and not tail & network_ops  # never a Q/DQ layer or a transformer product
         build_into_bundle(bundle, variant="merged", precision="fp16", max_batch=4)
-        tail = sim.trt.builds[-1]["fp32_layers"]
-        assert tail and not [n for n in tail if n.startswith(("/extractor/", "/model/"))]  # the distance/pooling tail is FP32, the networks FP16
+        ops = {n.name: n.op_type for n in onnx.load(str(bundle / "model_merged.onnx")).graph.node}
+        tail = {ops[n] for n in sim.trt.builds[-1]["fp32_layers"]}
+        # the distance and pooling tail is FP32; the backbone and the transformer (onnxsim's fused, unscoped Gemms
+        # included) are free to run in FP16
+        assert {"Sub", "Sqrt", "ReduceMax"} <= tail and not tail & network_ops
         with Detector(bundle, backend="tensorrt") as trt, Detector(bundle, backend="onnxruntime", threads=1) as ort:
             for product in ("screws", "tiles"):
                 got = [r.score for r in trt.infer_batch(frames, product=product)]

@@ -211,6 +211,16 @@ def test_auto_names_the_cuda_error(sim: simdevice.Sim, bundle: Path, caplog: pyt
         Detector(bundle, backend="tensorrt")
 
 
+def test_a_raw_engine_has_no_map_tail_to_hold_in_fp32(sim: simdevice.Sim, tmp_path: Path) -> None:
+    """The raw variant is the three networks only: an FP16 build constrains nothing (it once held every layer FP32)."""
+    from build_engines.trt_build import build_into_bundle
+
+    b = tb.make_bundle(tmp_path / "b")
+    meta = build_into_bundle(b, variant="raw", precision="fp16", max_batch=2)
+    build = sim.trt.builds[-1]
+    assert build["fp32_layers"] == [] and "OBEY_PRECISION_CONSTRAINTS" not in build["flags"] and meta.fp32_layers == 0
+
+
 def test_engine_build_records_profile_cache_and_fp32_map_tail(sim: simdevice.Sim, tmp_path: Path) -> None:
     from build_engines.trt_build import build_into_bundle
 

@@ -68,6 +68,27 @@ class BuilderFlag(enum.IntEnum):
     PREFER_PRECISION_CONSTRAINTS = 13
 
 
+class LayerType(enum.IntEnum):
+    """A subset of ``tensorrt.LayerType`` (values as in tensorrt-stubs 10.13); ONNX nodes map to them coarsely (``_LAYER_TYPES``)."""
+
+    CONVOLUTION = 0
+    ACTIVATION = 2
+    POOLING = 3
+    ELEMENTWISE = 9
+    UNARY = 11
+    SHUFFLE = 13
+    REDUCE = 14
+    MATRIX_MULTIPLY = 17
+    CONSTANT = 19
+    QUANTIZE = 32
+    DEQUANTIZE = 33
+
+
+_LAYER_TYPES = {"Conv": LayerType.CONVOLUTION, "MatMul": LayerType.MATRIX_MULTIPLY, "Gemm": LayerType.MATRIX_MULTIPLY, "QuantizeLinear": LayerType.QUANTIZE,
+                "DequantizeLinear": LayerType.DEQUANTIZE, "Constant": LayerType.CONSTANT, "Relu": LayerType.ACTIVATION, "AveragePool": LayerType.POOLING,
+                "Reshape": LayerType.SHUFFLE, "Transpose": LayerType.SHUFFLE, "Sqrt": LayerType.UNARY}
+
+
 class NetworkDefinitionCreationFlag(enum.IntEnum):
     STRONGLY_TYPED = 1
 
@@ -126,7 +147,8 @@ class ITensor:
 
 class ILayer:
     def __init__(self, name: str, op_type: str) -> None:
-        self.name, self.type = name, op_type
+        self.name, self.op_type = name, op_type
+        self.type = LayerType.REDUCE if op_type.startswith("Reduce") else _LAYER_TYPES.get(op_type, LayerType.ELEMENTWISE)
         self.precision = DataType.FLOAT
         self.precision_is_set = False
         self._output_types: dict[int, DataType] = {}
