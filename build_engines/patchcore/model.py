@@ -6,8 +6,9 @@ the probe, docs/results.md section 9) is standardised per channel with the stati
 bank is a greedy coreset of the training goods' grid features. The anomaly map is each grid feature's Euclidean
 distance to its nearest bank feature (the feature-distance families' map: a feature against its reconstruction,
 here the nearest normal feature); the image score is the map's maximum. Differences from the paper: the grid is
-UniAD's multi-stage grid (no 3x3 neighbourhood aggregation), and the score is not re-weighted by the density of the
-nearest bank feature's neighbours.
+UniAD's multi-stage grid, its neighbourhood aggregation (a k x k local mean of the grid, ``LocalGrid``) is optional
+(``--aggregate``, off by default: measured in docs/results.md section 11), and the score is not re-weighted by the
+density of the nearest bank feature's neighbours.
 
 In the graph the distance is one GEMM against the bank (``|f|^2 - 2 f.b + |b|^2``, then ReduceMin): the bank and
 its squared norms are constant initializers, so ONNX Runtime and TensorRT run it as a MatMul.
@@ -22,13 +23,40 @@ its squared norms are constant initializers, so ONNX Runtime and TensorRT run it
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgead.errors import ConfigError, message
 
 from ..backbones import StageGrid
 
-__all__ = ["PatchCoreGraph"]
+__all__ = ["LocalGrid", "PatchCoreGraph", "check_aggregate"]
+
+
+def check_aggregate(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+        raise ConfigError(message("--aggregate", k, "an odd neighbourhood size >= 1", "use 1 (none) or 3 (PatchCore's)"))
+    return k
+
+
+class LocalGrid(nn.Module):
+    """The backbone grid, each cell optionally averaged with its ``aggregate`` x ``aggregate`` neighbourhood (PatchCore's
+    local neighbourhood aggregation; 1 = none). Same shape and channels as the grid.
+
+    >>> from build_engines.backbones import StageGrid, load_backbone
+    >>> LocalGrid(StageGrid(load_backbone("efficientnet-lite0"), (2, 3, 4, 5), 16), 3)(torch.zeros(1, 3, 64, 64)).shape
+    torch.Size([1, 256, 4, 4])
+    """
+
+    def __init__(self, grid: StageGrid, aggregate: int = 1) -> None:
+        super().__init__()
+        check_aggregate(aggregate)
+        self.grid, self.aggregate, self.channels = grid.eval(), int(aggregate), grid.channels
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        f = self.grid(image)
+        k = self.aggregate
+        return F.avg_pool2d(f, k, 1, k // 2, count_include_pad=False) if k > 1 else f
 
 
 class PatchCoreGraph(nn.Module):
@@ -38,7 +66,7 @@ class PatchCoreGraph(nn.Module):
     normal features.
     """
 
-    def __init__(self, grid: StageGrid, mean: torch.Tensor, std: torch.Tensor, bank: torch.Tensor) -> None:
+    def __init__(self, grid: StageGrid | LocalGrid, mean: torch.Tensor, std: torch.Tensor, bank: torch.Tensor) -> None:
         super().__init__()
         c = grid.channels
         if mean.shape != (c,) or std.shape != (c,) or bank.ndim != 2 or bank.shape[1] != c or bank.shape[0] < 1:

@@ -39,7 +39,7 @@ from ..backbones import BACKBONES, StageGrid, load_backbone, parse_stages
 from ..calibrate import parse_threshold_method
 from ..feature_distance import calibrate_product
 from ..probe import greedy_coreset
-from .model import PatchCoreGraph
+from .model import LocalGrid, PatchCoreGraph, check_aggregate
 
 __all__ = ["PatchCoreConfig", "PatchCoreRun", "train", "load_patchcore_run", "main"]
 
@@ -63,6 +63,7 @@ class PatchCoreConfig:
     image_size: int = 224
     coreset: float = 0.1
     max_bank: int = 20000
+    aggregate: int = 1  # k x k local mean of the grid before the bank (PatchCore's aggregation); 1 = none
     val_fraction: float = 0.1
     seed: int = 0
     batch_size: int = 16
@@ -88,6 +89,7 @@ class PatchCoreConfig:
         if self.tile is None and self.tile_overlap:
             raise ConfigError(message("--tile-overlap", self.tile_overlap, "no overlap without --tile", "pass --tile T as well, or drop --tile-overlap"))
         _ = self.tiling  # Tiling checks tile and overlap
+        check_aggregate(self.aggregate)
         return self
 
     @property
@@ -99,12 +101,12 @@ class PatchCoreConfig:
         return Path(self.data).name
 
 
-def _grid(cfg: PatchCoreConfig) -> StageGrid:
-    return StageGrid(load_backbone(cfg.backbone), parse_stages(cfg.stages), STRIDE).eval()
+def _grid(cfg: PatchCoreConfig) -> LocalGrid:
+    return LocalGrid(StageGrid(load_backbone(cfg.backbone), parse_stages(cfg.stages), STRIDE), cfg.aggregate).eval()
 
 
 @torch.no_grad()
-def _grid_features(grid: StageGrid, paths: list[Path], size: int, batch: int, tiling: Tiling | None, what: str) -> tuple[torch.Tensor, np.ndarray]:
+def _grid_features(grid: LocalGrid, paths: list[Path], size: int, batch: int, tiling: Tiling | None, what: str) -> tuple[torch.Tensor, np.ndarray]:
     """(N, C, h, w) raw grid features of the images at ``paths`` (of each of their tiles, with a tiling) and the image
     index of each row."""
     from tqdm import tqdm
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=224, help="model input in pixels, a multiple of 16 (default 224)")
     p.add_argument("--coreset", type=float, default=0.1, help="fraction of the training goods' grid features kept in the bank (greedy k-center, default 0.1)")
     p.add_argument("--max-bank", type=int, default=20000, help="at most this many bank features (bounds latency and bundle size; default 20000)")
+    p.add_argument("--aggregate", type=int, default=1, help="average each grid cell with its k x k neighbourhood first (PatchCore's aggregation; default 1: none)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train/good held out for calibration (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="split and coreset seed")
     p.add_argument("--threshold", default=THRESHOLD, help=f"image threshold from the validation-good scores: sigma:K | quantile:Q | max (default {THRESHOLD})")
@@ -221,6 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(data) > 1:
         raise ConfigError(message("--data", f"{len(data)} folders", "one data set: a PatchCore bank describes one product", "train one run per product, or --family uniad for one model of several"))
     cfg = PatchCoreConfig(data=data[0] if data else "", out=a.out, backbone=a.backbone, stages=a.stages, image_size=a.image_size, coreset=a.coreset,
-                          max_bank=a.max_bank, val_fraction=a.val_fraction, seed=a.seed, threshold_method=a.threshold, tile=a.tile, tile_overlap=a.tile_overlap)
+                          max_bank=a.max_bank, aggregate=a.aggregate, val_fraction=a.val_fraction, seed=a.seed, threshold_method=a.threshold, tile=a.tile, tile_overlap=a.tile_overlap)
     print(f"run written to {train(cfg)}")
     return 0

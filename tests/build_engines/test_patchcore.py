@@ -58,6 +58,18 @@ def test_the_map_is_the_distance_to_the_nearest_bank_feature(grid: StageGrid) ->
     assert m.shape == (2, 1, 4, 6) and torch.equal(s, m.amax(dim=(1, 2, 3)))
 
 
+def test_aggregation_is_the_local_mean_of_the_cells_inside_the_grid(grid: StageGrid) -> None:
+    from build_engines.patchcore.model import LocalGrid
+
+    x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        f, g = grid(x)[0], LocalGrid(grid, 3)(x)[0]
+    h, w = f.shape[1:]
+    for y, xx in ((0, 0), (1, 2), (h - 1, w - 1)):
+        ref = f[:, max(0, y - 1) : y + 2, max(0, xx - 1) : xx + 2].mean(dim=(1, 2))
+        torch.testing.assert_close(g[:, y, xx], ref, rtol=1e-5, atol=1e-6)
+
+
 def test_a_bank_checks_its_shapes(grid: StageGrid) -> None:
     with pytest.raises(ConfigError, match="bank"):
         PatchCoreGraph(grid, torch.zeros(256), torch.ones(256), torch.zeros(4, 255))
@@ -171,6 +183,8 @@ def test_patchcore_option_errors(data: Path, run: Path, tmp_path: Path, capsys: 
         PatchCoreConfig(data=str(data), out=str(tmp_path / "x"), coreset=0.0).validate()
     with pytest.raises(ConfigError, match="image-size"):
         PatchCoreConfig(data=str(data), out=str(tmp_path / "x"), image_size=200).validate()
+    with pytest.raises(ConfigError, match="aggregate"):
+        PatchCoreConfig(data=str(data), out=str(tmp_path / "x"), aggregate=2).validate()
     before = (run / "model.pt").read_bytes()
     assert cli(["train", "--family", "patchcore", "--data", str(data), "--out", str(run), "--image-size", "128"]) == 2
     assert "not an empty folder" in capsys.readouterr().err and (run / "model.pt").read_bytes() == before  # the user's run is kept
