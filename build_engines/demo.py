@@ -1,4 +1,4 @@
-"""End-to-end demo: synthetic data -> train (demo preset) -> evaluate -> export -> Detector.
+"""End-to-end demo: synthetic data -> train (demo preset) -> evaluate -> export -> Detector, then PatchCore next to it.
 
 Budget: about 4 minutes of training on 2 CPU cores (``make demo`` stays under 10 minutes with setup).
 Every stage reuses what an earlier demo left in ``--out`` (data, finished run, bundle), and an
@@ -76,6 +76,7 @@ def run_demo(
     data: dict[str, int] | None = None,
     export: bool = True,
     frames: int = 4,
+    patchcore: bool = True,
 ) -> dict[str, Any]:
     """Run the whole pipeline in ``out`` and return a summary (paths, metrics, detector results).
 
@@ -94,7 +95,7 @@ def run_demo(
     summary: dict[str, Any] = {"out": str(out)}
     t_all = time.perf_counter()
 
-    t0 = _stage("1/4 synthetic data")
+    t0 = _stage("1/5 synthetic data")
     data_dir = out / "data"
     if data_dir.is_dir() and any(data_dir.iterdir()):
         print(f"reusing {data_dir}")
@@ -104,7 +105,7 @@ def run_demo(
     dataset = open_dataset(data_dir)
     print(", ".join(f"{k}: {v}" for k, v in dataset.counts().items()))
 
-    t0 = _stage("2/4 train EfficientAD-S (demo preset)")
+    t0 = _stage("2/5 train EfficientAD-S (demo preset)")
     run_dir = out / "run"
     if (run_dir / "model.pt").is_file() and (run_dir / "calibration.json").is_file():
         print(f"reusing the finished run {run_dir}")
@@ -118,14 +119,14 @@ def run_demo(
     summary["run_dir"] = str(run_dir)
     summary["train_config"] = json.loads((run_dir / "config.json").read_text())
 
-    t0 = _stage("3/4 evaluate on the test set")
+    t0 = _stage("3/5 evaluate on the test set")
     result = evaluate_run(run_dir, dataset, device=device, overlays=out / "overlays")
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     print(format_table(result))
     print(f"metrics: {out / 'eval.json'}; overlays: {out / 'overlays'} ({len(result['overlays'])} images); {time.perf_counter() - t0:.1f} s")
     summary["metrics"] = {k: result[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "accuracy")}
 
-    t0 = _stage("4/4 export a bundle and run the Detector")
+    t0 = _stage("4/5 export a bundle and run the Detector")
     summary["detector"] = []
     if not export:
         print("skipped (export=False)")
@@ -135,9 +136,32 @@ def run_demo(
         summary["detector"] = _export_and_detect(run_dir, out / "bundle", dataset, result, frames)
         summary["bundle"] = str(out / "bundle")
         print(f"{time.perf_counter() - t0:.1f} s")
+    if patchcore:
+        summary["patchcore"] = _patchcore_side_by_side(out / "run_patchcore", dataset, result, device)
     summary["wall_s"] = round(time.perf_counter() - t_all, 1)
     print(f"\ndemo finished in {summary['wall_s']} s; everything is in {out}")
     return summary
+
+
+def _patchcore_side_by_side(run_dir: Path, dataset: Any, efficientad: dict[str, Any], device: str) -> dict[str, Any]:
+    """Stage 5: the PatchCore family on the same data (a memory bank, no training loop), next to EfficientAD."""
+    from .evaluate import evaluate_run
+    from .patchcore.train import PatchCoreConfig, train
+
+    t0 = _stage("5/5 PatchCore on the same data (memory bank of the backbone grid, no training loop)")
+    if (run_dir / "model.pt").is_file() and (run_dir / "calibration.json").is_file():
+        print(f"reusing the finished run {run_dir}")
+    else:
+        train(PatchCoreConfig(data=str(dataset.root), out=str(run_dir), val_fraction=DEMO_VAL_FRACTION))
+    result = evaluate_run(run_dir, dataset, device=device)
+    print(f"{'family':<16}{'img AUROC':>10}{'pix AUROC':>10}{'AU-PRO':>8}  false rejects / escapes at the calibrated threshold")
+    for name, r in (("EfficientAD-S", efficientad), ("PatchCore", result)):
+        op = r["operating_point"]
+        pix = "-" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}"
+        pro = "-" if r["aupro"] is None else f"{r['aupro']:.3f}"
+        print(f"{name:<16}{r['image_auroc']:>10.3f}{pix:>10}{pro:>8}  {op['false_rejects']}/{op['good']}, {op['escapes']}/{op['defects']}")
+    print(f"PatchCore run {run_dir} (edgead export / eval as any run); {time.perf_counter() - t0:.1f} s")
+    return {k: result[k] for k in ("image_auroc", "pixel_auroc", "aupro", "operating_point")}
 
 
 def _export_and_detect(run_dir: Path, bundle_dir: Path, dataset: Any, result: dict[str, Any], frames: int) -> list[dict[str, Any]]:
@@ -173,11 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help=f"training steps (default {DEMO_STEPS})")
     p.add_argument("--teacher", default="auto", help="auto (embedded weights if present, else random) | default | random | PATH")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--no-export", action="store_true", help="stop after the evaluation")
+    p.add_argument("--no-export", action="store_true", help="skip the bundle export and the Detector")
+    p.add_argument("--no-patchcore", action="store_true", help="skip the PatchCore run next to EfficientAD")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         raise ConfigError(message("--steps", args.steps, "an integer >= 1", f"omit it to use {DEMO_STEPS}"))
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(message("--out", f"{args.out} (a file)", "a folder", "choose another --out"))
-    run_demo(args.out, steps=args.steps or DEMO_STEPS, teacher=args.teacher, device=args.device, export=not args.no_export)
+    run_demo(args.out, steps=args.steps or DEMO_STEPS, teacher=args.teacher, device=args.device, export=not args.no_export, patchcore=not args.no_patchcore)
     return 0
