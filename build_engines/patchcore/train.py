@@ -36,7 +36,7 @@ from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 from edgead.tiling import Tiling
 
 from ..backbones import BACKBONES, StageGrid, load_backbone, parse_stages
-from ..calibrate import parse_threshold_method
+from ..calibrate import DEFAULT_THRESHOLD, parse_threshold_method
 from ..feature_distance import calibrate_product
 from ..probe import greedy_coreset
 from .model import LocalGrid, PatchCoreGraph, check_aggregate
@@ -46,9 +46,6 @@ __all__ = ["PatchCoreConfig", "PatchCoreRun", "train", "load_patchcore_run", "ma
 log = logging.getLogger(__name__)
 
 STRIDE = 16
-# mean + 3 std of the held-out goods' scores: on the three measured sets the most predictable false-reject rate for
-# PatchCore's scores (at most 0.7 % of test goods) with fewer escapes than EfficientAD's sigma:4 (docs/results.md, section 11)
-THRESHOLD = "sigma:3"
 MAX_BANK_BYTES = 1.5 * 2**30  # the bank is an initializer of the ONNX graph, whose protobuf file is limited to 2 GiB
 
 
@@ -67,7 +64,7 @@ class PatchCoreConfig:
     val_fraction: float = 0.1
     seed: int = 0
     batch_size: int = 16
-    threshold_method: str = THRESHOLD
+    threshold_method: str = DEFAULT_THRESHOLD  # sigma:4, also PatchCore's most predictable rule (docs/results.md, section 11)
     tile: int | None = None  # cut every image into tiles of this many frame pixels (each resized to image_size)
     tile_overlap: int = 0
     family: str = "patchcore"
@@ -216,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aggregate", type=int, default=1, help="average each grid cell with its k x k neighbourhood first (PatchCore's aggregation; default 1: none)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train/good held out for calibration (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="split and coreset seed")
-    p.add_argument("--threshold", default=THRESHOLD, help=f"image threshold from the validation-good scores: sigma:K | quantile:Q | max (default {THRESHOLD})")
+    p.add_argument("--threshold", default=DEFAULT_THRESHOLD, help=f"image threshold from the validation-good scores: sigma:K | quantile:Q | max (default {DEFAULT_THRESHOLD})")
     p.add_argument("--tile", type=int, default=None, help="cut frames into tiles of T pixels (small defects in large frames); part of the bundle")
     p.add_argument("--tile-overlap", type=int, default=0, help="minimum overlap of neighbouring tiles in pixels (e.g. a quarter of --tile)")
     a = p.parse_args(argv)
