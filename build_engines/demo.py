@@ -148,7 +148,7 @@ def _patchcore_side_by_side(run_dir: Path, dataset: Any, efficientad: dict[str, 
     from .evaluate import evaluate_run
     from .patchcore.train import PatchCoreConfig, train
 
-    t0 = _stage("5/5 PatchCore on the same data (memory bank of the backbone grid, no training loop)")
+    t0 = _stage("5/5 PatchCore on the same data (memory bank of the backbone grid at 224 px, no training loop)")
     if (run_dir / "model.pt").is_file() and (run_dir / "calibration.json").is_file():
         print(f"reusing the finished run {run_dir}")
     else:

@@ -266,7 +266,7 @@ def export_bundle(
     name = run_family(run_dir)
     family = toolchain(name)
     if family is not None:
-        if variants is not None and tuple(variants) != ("merged",):
+        if variants is not None and set(variants) != {"merged"}:
             raise ConfigError(message("--variant", ", ".join(variants), f"merged (a {name} bundle has one graph: image -> map and score)", "drop --variant"))
         return family.load("export_bundle")(run_dir, out_dir, opset=opset, overwrite=overwrite, int8_calibration=int8_calibration, int8_images=int8_images, int8_target=int8_target)
     variants = _check_variants(VARIANTS if variants is None else variants)

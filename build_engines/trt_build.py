@@ -201,17 +201,40 @@ def _parse_onnx(trt_mod: Any, builder: trt.Builder, logger: trt.ILogger, onnx_pa
 
 
 # The map tail is what the exported graphs compute at their top level, outside their networks: PyTorch names those
-# ONNX nodes "/Op" or "/Op_N", and every node of a network submodule "/module/..." (EfficientAD's raw networks, the
-# backbone grid, UniAD's transformer). Nodes onnxsim made by fusing (UniAD's Linear layers -> "Gemm_12") carry no
-# scope at all: they are network layers too.
+# ONNX nodes "/Op" or "/Op_N" (the ONNX parser names a node's layers after it, "/Op_N_12" for extra ones), and every
+# node of a network submodule "/module/..." (EfficientAD's raw networks, the backbone grid, UniAD's transformer).
+# Nodes onnxsim made by fusing (UniAD's Linear layers) have no name: the parser calls them "node_of_<output>", and
+# they are network layers too.
 _TAIL_NAME = re.compile(r"/[^/]+")
+_IN_NETWORK = re.compile(r"/[^/]+/")
 
 
 def map_tail_layers(trt_mod: Any, network: trt.INetworkDefinition) -> list[trt.ILayer]:
-    """The layers of the anomaly-map tail: top-level PyTorch node names, never a quantize / dequantize layer."""
-    qdq = (trt_mod.LayerType.QUANTIZE, trt_mod.LayerType.DEQUANTIZE)
+    """The layers of the anomaly-map tail: floating-point layers with top-level PyTorch node names (never a
+    quantize / dequantize or shape layer), plus the constants and shuffles outside any network that feed only them
+    (the memory bank, the quantile constants, the parser's broadcast reshapes of them)."""
+    lt = trt_mod.LayerType
     layers = [network.get_layer(i) for i in range(network.num_layers)]
-    return [layer for layer in layers if _TAIL_NAME.fullmatch(layer.name) and layer.type not in qdq]
+
+    def floating(layer: trt.ILayer) -> bool:
+        return all(layer.get_output(k).dtype in (trt_mod.float32, trt_mod.float16) for k in range(layer.num_outputs))
+
+    tail = {i for i, layer in enumerate(layers)
+            if _TAIL_NAME.fullmatch(layer.name) and layer.type not in (lt.QUANTIZE, lt.DEQUANTIZE, lt.SHAPE) and floating(layer)}
+    readers: dict[str, set[int]] = {}
+    for i, layer in enumerate(layers):
+        for k in range(layer.num_inputs):
+            t = layer.get_input(k)
+            if t is not None:
+                readers.setdefault(t.name, set()).add(i)
+    for i in reversed(range(len(layers))):  # the parser adds layers in topological order
+        layer = layers[i]
+        if i in tail or layer.type not in (lt.CONSTANT, lt.SHUFFLE) or _IN_NETWORK.match(layer.name) or not floating(layer):
+            continue
+        outs = [readers.get(layer.get_output(k).name, set()) for k in range(layer.num_outputs)]
+        if all(o and o <= tail for o in outs):
+            tail.add(i)
+    return [layers[i] for i in sorted(tail)]
 
 
 def keep_map_tail_fp32(trt_mod: Any, network: trt.INetworkDefinition, config: trt.IBuilderConfig) -> int:
@@ -226,6 +249,13 @@ def keep_map_tail_fp32(trt_mod: Any, network: trt.INetworkDefinition, config: tr
     precision constraints still build on 10.3, JetPack 6's version.) A raw graph has no tail: 0 layers.
     """
     tail = map_tail_layers(trt_mod, network)
+    outputs = {network.get_output(k).name for k in range(network.num_outputs)}
+    if "score" in outputs:  # a merged graph: the layers writing its map and score must be in the tail
+        held = {layer.get_output(k).name for layer in tail for k in range(layer.num_outputs)}
+        if not {"anomaly_map", "score"} <= held:
+            raise BackendError(message("FP32 map tail", f"{len(tail)} layers, not those writing anomaly_map and score",
+                                       "the graph's map tail named at its top level (/Op_N), as EdgeAD's exporters write it",
+                                       "re-export the bundle with 'edgead export RUN --out BUNDLE --overwrite', or build with --precision fp32"))
     if not tail:
         return 0
     for layer in tail:

@@ -37,7 +37,7 @@ from edgead.tiling import Tiling
 
 from ..backbones import BACKBONES, StageGrid, load_backbone, parse_stages
 from ..calibrate import DEFAULT_THRESHOLD, parse_threshold_method
-from ..feature_distance import calibrate_product
+from ..feature_distance import CHUNK, calibrate_product
 from ..probe import greedy_coreset
 from .model import LocalGrid, PatchCoreGraph, check_aggregate
 
@@ -129,7 +129,7 @@ def _grid_features(grid: LocalGrid, paths: list[Path], size: int, batch: int, ti
 
 
 @torch.no_grad()
-def _raw_outputs(graph: PatchCoreGraph, features: torch.Tensor, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def _raw_outputs(graph: PatchCoreGraph, features: torch.Tensor, batch: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Raw maps (N, h, w) and scores (N,) of standardised features."""
     maps = torch.cat([graph.distance_map(features[i : i + batch]) for i in range(0, len(features), batch)])[:, 0]
     return maps.numpy(), maps.amax(dim=(1, 2)).numpy()
@@ -145,10 +145,13 @@ def train(cfg: PatchCoreConfig) -> Path:
     tr, va = split_train_val(ds.train_good, cfg.val_fraction, cfg.seed)
     t0 = time.perf_counter()
     grid = _grid(cfg)
+    if cfg.max_bank * grid.channels * 4 > MAX_BANK_BYTES:
+        raise ConfigError(message("--max-bank", f"{cfg.max_bank} ({cfg.max_bank} x {grid.channels} float32 = {cfg.max_bank * grid.channels * 4 / 2**30:.1f} GiB)",
+                                  f"a bank of at most {MAX_BANK_BYTES / 2**30:.1f} GiB (it is stored in the ONNX graph, limited to 2 GiB)", "use the default 20000"))
     log.info("%s: features of %d train / %d validation images", cfg.product, len(tr), len(va))
     feats, _ = _grid_features(grid, tr, cfg.image_size, cfg.batch_size, cfg.tiling, "train features")
     n_pieces, c = feats.shape[:2]
-    rows = feats.permute(0, 2, 3, 1).reshape(-1, c)  # one copy of the features in memory at a time: 4 bytes x rows x C
+    rows = feats.permute(0, 2, 3, 1).reshape(-1, c)  # a copy: two copies at the peak (4 bytes x rows x C each), one after
     del feats
     if not bool(torch.isfinite(rows).all()):
         raise DataError(message("training features", "NaN or infinite values", "finite features", "check the training images (corrupt files?)"))
@@ -159,9 +162,6 @@ def train(cfg: PatchCoreConfig) -> Path:
     rows.sub_(mean).div_(std)
     t_features = time.perf_counter() - t0
     n_bank = min(cfg.max_bank, max(1, int(round(cfg.coreset * rows.shape[0]))))
-    if n_bank * c * 4 > MAX_BANK_BYTES:
-        raise ConfigError(message("memory bank", f"{n_bank} x {c} float32 ({n_bank * c * 4 / 2**30:.1f} GiB)", f"at most {MAX_BANK_BYTES / 2**30:.1f} GiB (ONNX's 2 GiB file limit)",
-                                  "lower --max-bank or --coreset"))
     t1 = time.perf_counter()
     bank = rows[greedy_coreset(rows, n_bank, seed=cfg.seed)] if n_bank < rows.shape[0] else rows
     t_coreset = time.perf_counter() - t1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def test_demo_end_to_end_tiny_then_reuse(tmp_path: Path, capsys: pytest.CaptureF
     assert "img AUROC" in printed and "overlays" in printed
     # stage 5: PatchCore on the same data, printed next to EfficientAD with its operating point
     assert (out / "run_patchcore" / "model.pt").is_file() and 0.0 <= summary["patchcore"]["image_auroc"] <= 1.0
-    assert "5/5 PatchCore" in printed and any(line.startswith("PatchCore ") and "/" in line for line in printed.splitlines())
+    assert "5/5 PatchCore" in printed and any(re.fullmatch(r"PatchCore\s+\d\.\d{3}\s+.*\d+/\d+, \d+/\d+", line) for line in printed.splitlines())
 
     model_time = (out / "run" / "model.pt").stat().st_mtime_ns
     run_demo(out, steps=2, teacher="random", device="cpu", data=TINY, export=False)

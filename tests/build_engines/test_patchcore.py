@@ -146,12 +146,13 @@ def test_cli_path_train_eval_export_detector(run: Path, data: Path, tmp_path: Pa
 
 
 def test_a_tiled_bank_scores_frames_as_the_tiled_detector(data: Path, tmp_path: Path) -> None:
-    """Tiles of 64 px overlapping by 16 on the 128 px images: 3 x 3 tiles per image, each at the model's 64 px."""
+    """Tiles of 64 px overlapping by 16 on the 128 px images: 3 x 3 tiles per image, each at the model's 64 px; with
+    the 3 x 3 aggregation, so that its pooling goes through the export's parity check and the Detector too."""
     from build_engines.export import export_bundle
     from build_engines.patchcore.evaluate import patchcore_predictor
     from build_engines.patchcore.train import train
 
-    cfg = PatchCoreConfig(data=str(data), out=str(tmp_path / "tiled"), image_size=64, coreset=1.0, tile=64, tile_overlap=16)
+    cfg = PatchCoreConfig(data=str(data), out=str(tmp_path / "tiled"), image_size=64, coreset=1.0, tile=64, tile_overlap=16, aggregate=3)
     run = train(cfg)
     log = json.loads((run / "log.jsonl").read_text())
     assert log["train_tiles"] == 11 * 9 and log["bank"] == 11 * 9 * 4 * 4  # every tile's 4 x 4 grid, full bank
@@ -183,6 +184,10 @@ def test_patchcore_option_errors(data: Path, run: Path, tmp_path: Path, capsys: 
         PatchCoreConfig(data=str(data), out=str(tmp_path / "x"), coreset=0.0).validate()
     with pytest.raises(ConfigError, match="image-size"):
         PatchCoreConfig(data=str(data), out=str(tmp_path / "x"), image_size=200).validate()
+    with pytest.raises(ConfigError, match="max-bank"):
+        from build_engines.patchcore.train import train
+
+        train(PatchCoreConfig(data=str(data), out=str(tmp_path / "huge"), image_size=128, max_bank=2_000_000))
     with pytest.raises(ConfigError, match="aggregate"):
         PatchCoreConfig(data=str(data), out=str(tmp_path / "x"), aggregate=2).validate()
     before = (run / "model.pt").read_bytes()
@@ -208,11 +213,16 @@ def test_a_patchcore_bundle_builds_a_tensorrt_engine_with_the_distance_in_fp32(r
     frames = [np.random.default_rng(i).integers(0, 256, (70 + 9 * i, 100, 3), dtype=np.uint8) for i in range(3)]
     with simdevice.installed(monkeypatch) as sim:
         build_into_bundle(bundle, variant="merged", precision="fp16", max_batch=4)
-        ops = {n.name: n.op_type for n in onnx.load(str(bundle / "model_merged.onnx")).graph.node}
-        tail = [ops[n] for n in sim.trt.builds[-1]["fp32_layers"]]
+        model = onnx.load(str(bundle / "model_merged.onnx"))
+        ops = {n.name: n.op_type for n in model.graph.node} | {i.name: "initializer" for i in model.graph.initializer}
+        held = sim.trt.builds[-1]["fp32_layers"]
+        tail = [ops[n] for n in held]
         # the GEMM against the bank and its min are held in FP32 (|f|^2 - 2 f.b + |b|^2 cancels); the backbone is free
         assert tail.count("MatMul") == 1 and {"ReduceMin", "Sqrt", "ReduceMax"} <= set(tail) and "Conv" not in tail
         assert sum(op == "Conv" for op in ops.values()) > 20  # ... and it has its convolutions
+        bank = next(i.name for i in model.graph.initializer if list(i.dims) == [256, load_patchcore_run(run).graph.bank_size])
+        assert bank in held  # the bank itself is a constant held in FP32, not rounded to FP16
+        assert "Shape" not in tail and not [n for n in held if n.startswith("/grid/")]  # integer shape arithmetic stays INT
         with Detector(bundle, backend="tensorrt") as trt, Detector(bundle, backend="onnxruntime", threads=1) as ort:
             got = [r.score for r in trt.infer_batch(frames)]
             ref = [r.score for r in ort.infer_batch(frames)]

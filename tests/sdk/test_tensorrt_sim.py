@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import simdevice
 import tiny_bundle as tb
@@ -219,6 +220,22 @@ def test_a_raw_engine_has_no_map_tail_to_hold_in_fp32(sim: simdevice.Sim, tmp_pa
     meta = build_into_bundle(b, variant="raw", precision="fp16", max_batch=2)
     build = sim.trt.builds[-1]
     assert build["fp32_layers"] == [] and "OBEY_PRECISION_CONSTRAINTS" not in build["flags"] and meta.fp32_layers == 0
+
+
+def test_a_merged_graph_whose_map_tail_is_not_found_is_refused_not_built_all_fp16(sim: simdevice.Sim, tmp_path: Path) -> None:
+    """Tail nodes named inside a scope (another exporter, a wrapped graph): no silent FP16 map and score."""
+    from simdevice import tensorrt as fake_trt
+
+    from build_engines.trt_build import keep_map_tail_fp32
+
+    model = tb.merged_model(tb.weights(0))
+    for node in model.graph.node[3:]:
+        node.name = "/wrapper" + node.name
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    network = fake_trt.INetworkDefinition(0)
+    assert fake_trt.OnnxParser(network, fake_trt.Logger()).parse_from_file(str(tmp_path / "m.onnx"))
+    with pytest.raises(BackendError, match="anomaly_map and score"):
+        keep_map_tail_fp32(fake_trt, network, fake_trt.IBuilderConfig())
 
 
 def test_engine_build_records_profile_cache_and_fp32_map_tail(sim: simdevice.Sim, tmp_path: Path) -> None:

@@ -39,9 +39,13 @@ class DataType(enum.IntEnum):
     INT8 = 2
     INT32 = 3
     BOOL = 4
+    UINT8 = 5
+    INT64 = 8
 
 
-_NP = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8, DataType.INT32: np.int32, DataType.BOOL: np.bool_}
+_NP = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8, DataType.INT32: np.int32, DataType.BOOL: np.bool_, DataType.UINT8: np.uint8,
+       DataType.INT64: np.int64}
+_ONNX_TYPES = {1: DataType.FLOAT, 2: DataType.UINT8, 3: DataType.INT8, 6: DataType.INT32, 7: DataType.INT64, 9: DataType.BOOL, 10: DataType.HALF}
 
 
 def nptype(trt_type: DataType) -> type:
@@ -80,13 +84,14 @@ class LayerType(enum.IntEnum):
     REDUCE = 14
     MATRIX_MULTIPLY = 17
     CONSTANT = 19
+    SHAPE = 23
     QUANTIZE = 32
     DEQUANTIZE = 33
 
 
 _LAYER_TYPES = {"Conv": LayerType.CONVOLUTION, "MatMul": LayerType.MATRIX_MULTIPLY, "Gemm": LayerType.MATRIX_MULTIPLY, "QuantizeLinear": LayerType.QUANTIZE,
                 "DequantizeLinear": LayerType.DEQUANTIZE, "Constant": LayerType.CONSTANT, "Relu": LayerType.ACTIVATION, "AveragePool": LayerType.POOLING,
-                "Reshape": LayerType.SHUFFLE, "Transpose": LayerType.SHUFFLE, "Sqrt": LayerType.UNARY}
+                "Reshape": LayerType.SHUFFLE, "Transpose": LayerType.SHUFFLE, "Sqrt": LayerType.UNARY, "Shape": LayerType.SHAPE}
 
 
 class NetworkDefinitionCreationFlag(enum.IntEnum):
@@ -146,9 +151,13 @@ class ITensor:
 
 
 class ILayer:
-    def __init__(self, name: str, op_type: str) -> None:
+    """One layer per ONNX node (named after the node, ``node_of_<first output>`` when it has no name, as the ONNX
+    parser names it) and one CONSTANT layer per initializer (named after it), with their input and output tensors."""
+
+    def __init__(self, name: str, op_type: str, inputs: list[ITensor] | None = None, outputs: list[ITensor] | None = None) -> None:
         self.name, self.op_type = name, op_type
         self.type = LayerType.REDUCE if op_type.startswith("Reduce") else _LAYER_TYPES.get(op_type, LayerType.ELEMENTWISE)
+        self._inputs, self._outputs = list(inputs or []), list(outputs or [ITensor(f"{name}_output", (), DataType.FLOAT)])
         self.precision = DataType.FLOAT
         self.precision_is_set = False
         self._output_types: dict[int, DataType] = {}
@@ -163,7 +172,17 @@ class ILayer:
 
     @property
     def num_outputs(self) -> int:
-        return 1
+        return len(self._outputs)
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self._inputs)
+
+    def get_input(self, index: int) -> ITensor:
+        return self._inputs[index]
+
+    def get_output(self, index: int) -> ITensor:
+        return self._outputs[index]
 
 
 class INetworkDefinition:
@@ -235,6 +254,13 @@ class OnnxParser:
             return False
         types = {1: DataType.FLOAT, 10: DataType.HALF}
         init = {i.name for i in m.graph.initializer}
+        inferred = onnx.shape_inference.infer_shapes(m)
+        dtypes = {vi.name: _ONNX_TYPES.get(vi.type.tensor_type.elem_type, DataType.FLOAT) for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+        dtypes.update({i.name: _ONNX_TYPES.get(i.data_type, DataType.FLOAT) for i in m.graph.initializer})
+
+        def tensor(name: str) -> ITensor:
+            return ITensor(name, (), dtypes.get(name, DataType.FLOAT))
+
         for vi in m.graph.input:
             if vi.name not in init:
                 shape = [d.dim_value if d.dim_value else -1 for d in vi.type.tensor_type.shape.dim]
@@ -242,7 +268,9 @@ class OnnxParser:
         for vi in m.graph.output:
             shape = [d.dim_value if d.dim_value else -1 for d in vi.type.tensor_type.shape.dim]
             self.network.outputs.append(ITensor(vi.name, tuple(shape), types[vi.type.tensor_type.elem_type]))
-        self.network.layers = [ILayer(n.name or f"{n.op_type}_{i}", n.op_type) for i, n in enumerate(m.graph.node)]
+        constants = [ILayer(i.name, "Constant", [], [tensor(i.name)]) for i in m.graph.initializer]
+        nodes = [ILayer(n.name or f"node_of_{n.output[0]}", n.op_type, [tensor(t) for t in n.input if t], [tensor(t) for t in n.output]) for n in m.graph.node]
+        self.network.layers = constants + nodes
         self.network.model = m
         return True
 
