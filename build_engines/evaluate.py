@@ -227,7 +227,7 @@ def _predictor(run_dir: Path, dataset: Dataset, device: str, product: str | None
     family = run_family(run_dir)
     chain = toolchain(family)
     if chain is not None:
-        return _Predictor(family, *chain.load("predictor")(run_dir, product, dataset.root.name))
+        return _Predictor(family, *chain.load("predictor")(run_dir, product, dataset.root))
     run = load_run(run_dir)
     model = run.model.to(device).eval()
     mean, std = tuple(run.config.get("mean", IMAGENET_MEAN)), tuple(run.config.get("std", IMAGENET_STD))

@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from edgead.datasets import image_color
-from edgead.errors import ConfigError, DataError, message
+from edgead.errors import DataError, message
 from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
-from edgead.registry import check_choice
 from edgead.tiling import Tiling
 
 from .calibrate import QA, QB, fit_threshold, frame_scores
@@ -118,18 +117,18 @@ def export_feature_distance_bundle(
 
 
 def feature_distance_predictor(
-    graph: nn.Module, image_size: int, calibration: Mapping[str, Mapping[str, Any]], product: str | None, data_name: str, tiling: Tiling | None = None
+    graph: nn.Module, image_size: int, calibration: Mapping[str, Mapping[str, Any]], product: str | None, data: str | Path, tiling: Tiling | None = None
 ) -> tuple[str, Callable[[list[np.ndarray]], tuple[list[np.ndarray], np.ndarray]], float, str, list[float]]:
     """(product, predict(frames) -> (normalised maps, scores), threshold, method, validation scores): the graph's raw
     outputs with the product's affine, as the runtime applies it. Maps at grid resolution; with a tiling, each frame's
     tile maps stitched at frame resolution and its score the max over its tiles (as the ``Detector``).
 
-    ``product`` None: the run's only product, or (several) the one named ``data_name`` (the data set's folder)."""
-    if product is None:
-        product = next(iter(calibration)) if len(calibration) == 1 else data_name
-        if product not in calibration:
-            raise ConfigError(message("product", f"{product!r} (the data folder's name)", f"one of the run's products {sorted(calibration)}", "pass --product NAME"))
-    product = check_choice("product", product, tuple(calibration))
+    ``product`` None: the run's only product, or (several) the one named by the data set folder ``data``
+    (``fidelity.resolve_product``, as ``edgead fidelity`` picks it for a bundle)."""
+    from .fidelity import resolve_product
+
+    product = resolve_product(tuple(calibration), product, Path(data))
+    assert product is not None  # a feature-distance run always has products
     cal = calibration[product]
     scale = 0.1 / (cal["qb"] - cal["qa"])
     from .evaluate import stitch_frames

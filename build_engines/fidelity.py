@@ -76,7 +76,7 @@ def compare_precisions(
     scores: dict[str, list[float]] = {k: [] for k in keys}
     with contextlib.ExitStack() as stack:
         dets = [stack.enter_context(Detector(bundle, backend=k.split("/")[0], precision=k.split("/")[1], threads=threads)) for k in keys]
-        product = _product(dets[0].products, product, Path(dataset))
+        product = resolve_product(dets[0].products, product, Path(dataset))
         t0 = time.perf_counter()
         for s in samples:  # each image read and prepared once, scored by all
             frame = read_image(s.path)
@@ -124,8 +124,9 @@ def fidelity_row(labels: Sequence[int], ref: np.ndarray, got: np.ndarray) -> dic
     }
 
 
-def _product(products: tuple[str, ...], product: str | None, dataset: Path) -> str | None:
-    """The product a multi-product bundle is scored for: ``--product``, else the bundle's only one, else the set's folder name."""
+def resolve_product(products: tuple[str, ...], product: str | None, dataset: Path) -> str | None:
+    """The product a data set is scored as, for a bundle or run calibrated per product (UniAD, PatchCore): ``--product``,
+    else the only one, else the set's folder name; None for a bundle without products (``--product`` refused)."""
     if not products:
         if product is not None:
             raise ConfigError(message("--product", repr(product), "no product (this bundle inspects one product)", "drop --product"))

@@ -55,7 +55,7 @@ from .backbones import BACKBONES, PatchFeatures, StageGrid, load_backbone, parse
 from .efficientad.models import check_image_size, pdn
 from .efficientad.teacher import load_teacher
 
-__all__ = ["Extractor", "ProbeFeatures", "parse_extractor", "greedy_coreset", "nearest_distance", "extract", "score", "probe_dataset", "run_probe", "main"]
+__all__ = ["Extractor", "ProbeFeatures", "parse_extractor", "greedy_coreset", "nearest_distance", "prepared_batch", "tiled_features", "extract", "score", "probe_dataset", "run_probe", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ class Extractor:
     pad: int
 
 
-def _prepared(frames: Sequence[np.ndarray], size: int) -> torch.Tensor:
+def prepared_batch(frames: Sequence[np.ndarray], size: int) -> torch.Tensor:
+    """Frames (uint8/uint16, gray or BGR) -> the ImageNet-normalised (N, 3, size, size) model input."""
     return torch.from_numpy(np.stack([prepare(f, size, IMAGENET_MEAN, IMAGENET_STD, image_color(f)) for f in frames]))
 
 
@@ -86,7 +87,7 @@ def _pdn_extractor(name: str, net: nn.Module, image_size: int) -> Extractor:
 
     @torch.no_grad()
     def forward(frames: list[np.ndarray]) -> torch.Tensor:
-        return net(_prepared(frames, image_size))
+        return net(prepared_batch(frames, image_size))
 
     return Extractor(name, image_size, forward, pad=4)
 
@@ -112,7 +113,7 @@ def parse_extractor(spec: str, image_size: int, seed: int = 0) -> Extractor:
 
         @torch.no_grad()
         def grid_forward(frames: list[np.ndarray]) -> torch.Tensor:
-            return grid(_prepared(frames, image_size))
+            return grid(prepared_batch(frames, image_size))
 
         return Extractor(f"grid {backbone_name} stages {','.join(map(str, grid.stages))}", image_size, grid_forward, pad=0)
     check_image_size(image_size)
@@ -128,7 +129,7 @@ def parse_extractor(spec: str, image_size: int, seed: int = 0) -> Extractor:
 
     @torch.no_grad()
     def forward(frames: list[np.ndarray]) -> torch.Tensor:
-        return features(_prepared(frames, size))
+        return features(prepared_batch(frames, size))
 
     return Extractor(f"target {backbone_name} stages {','.join(map(str, features.stages))}", image_size, forward, pad=0)
 
@@ -201,17 +202,23 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 204
     return out
 
 
-def _features(extractor: Extractor, paths: Sequence[Path], tiling: Tiling | None = None, batch: int = 8) -> tuple[torch.Tensor, np.ndarray, list[tuple[int, ...]]]:
-    """Features of every image (of every tile of it, with a tiling), the image index of each row, the image shapes."""
+def tiled_features(
+    forward: Callable[[list[np.ndarray]], torch.Tensor], paths: Sequence[Path], tiling: Tiling | None = None, batch: int = 8, progress: str | None = None
+) -> tuple[torch.Tensor, np.ndarray, list[tuple[int, ...]]]:
+    """``forward`` (a batch of frames -> feature maps) of every image (of every tile of it, with a tiling), run
+    ``batch`` pieces at a time; returns the features, the image index of each row and the image shapes.
+    ``progress``: a progress bar with this label."""
+    from tqdm import tqdm
+
     feats, owner, shapes = [], [], []
     pending: list[np.ndarray] = []
 
     def flush() -> None:
         if pending:
-            feats.append(extractor.forward(pending).float())
+            feats.append(forward(pending).float())
             pending.clear()
 
-    for i, path in enumerate(paths):
+    for i, path in enumerate(tqdm(paths, desc=progress, unit="img", dynamic_ncols=True, disable=progress is None)):
         image = read_image(path)
         shapes.append(image.shape)
         for piece in tiling.cut(image) if tiling is not None else [image]:
@@ -255,7 +262,7 @@ def extract(
     if max_train is not None and len(train_paths) > max_train:  # full-resolution tiles of hundreds of images do not fit in memory
         pick = np.random.default_rng(0).choice(len(train_paths), max_train, replace=False)
         train_paths = [train_paths[i] for i in sorted(pick)]
-    bank_maps, _, _ = _features(extractor, train_paths, tiling)
+    bank_maps, _, _ = tiled_features(extractor.forward, train_paths, tiling)
     c = bank_maps.shape[1]
     bank = bank_maps.permute(0, 2, 3, 1).reshape(-1, c)
     mean, std = bank.mean(0), bank.std(0).clamp_min(1e-6)
@@ -265,7 +272,7 @@ def extract(
         samples = [samples[i] for i in sorted(pick)]
     if not samples:
         raise DataError(message("test set", f"no test images in {dataset.root}", "test/good and test/<defect> images", "point --data at a set with a test split"))
-    test, owner, shapes = _features(extractor, [s.path for s in samples], tiling)
+    test, owner, shapes = tiled_features(extractor.forward, [s.path for s in samples], tiling)
     masks = [read_mask(s, shape) for s, shape in zip(samples, shapes, strict=True)] if pixel and dataset.has_masks else None
     view = (1, c, 1, 1)
     labels = np.array([s.label for s in samples])

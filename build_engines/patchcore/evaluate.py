@@ -13,7 +13,7 @@ from .train import load_patchcore_run
 __all__ = ["patchcore_predictor"]
 
 
-def patchcore_predictor(run_dir: str | Path, product: str | None, data_name: str = "") -> tuple[str, Callable[[list[np.ndarray]], tuple[list[np.ndarray], np.ndarray]], float, str, list[float]]:
+def patchcore_predictor(run_dir: str | Path, product: str | None, data: str | Path = "") -> tuple[str, Callable[[list[np.ndarray]], tuple[list[np.ndarray], np.ndarray]], float, str, list[float]]:
     """(product, predict(frames) -> (normalised maps, scores), threshold, method, validation scores); see ``feature_distance_predictor``."""
     run = load_patchcore_run(run_dir)
-    return feature_distance_predictor(run.graph, run.config.image_size, run.calibration, product, data_name, run.config.tiling)
+    return feature_distance_predictor(run.graph, run.config.image_size, run.calibration, product, data, run.config.tiling)

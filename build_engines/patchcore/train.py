@@ -30,15 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgead.datasets import image_color, open_dataset, read_image, split_train_val
+from edgead.datasets import open_dataset, split_train_val
 from edgead.errors import ConfigError, DataError, message
-from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 from edgead.tiling import Tiling
 
 from ..backbones import BACKBONES, StageGrid, load_backbone, parse_stages
 from ..calibrate import DEFAULT_THRESHOLD, parse_threshold_method
 from ..feature_distance import CHUNK, calibrate_product
-from ..probe import greedy_coreset
+from ..probe import greedy_coreset, prepared_batch, tiled_features
 from .model import LocalGrid, PatchCoreGraph, check_aggregate
 
 __all__ = ["PatchCoreConfig", "PatchCoreRun", "train", "load_patchcore_run", "main"]
@@ -106,26 +105,8 @@ def _grid(cfg: PatchCoreConfig) -> LocalGrid:
 def _grid_features(grid: LocalGrid, paths: list[Path], size: int, batch: int, tiling: Tiling | None, what: str) -> tuple[torch.Tensor, np.ndarray]:
     """(N, C, h, w) raw grid features of the images at ``paths`` (of each of their tiles, with a tiling) and the image
     index of each row."""
-    from tqdm import tqdm
-
-    out: list[torch.Tensor] = []
-    owner: list[int] = []
-    pending: list[np.ndarray] = []
-
-    def flush() -> None:
-        if pending:
-            out.append(grid(torch.from_numpy(np.stack([prepare(f, size, IMAGENET_MEAN, IMAGENET_STD, image_color(f)) for f in pending]))))
-            pending.clear()
-
-    for i, path in enumerate(tqdm(paths, desc=what, unit="img", dynamic_ncols=True)):
-        image = read_image(path)
-        for piece in tiling.cut(image) if tiling is not None else [image]:
-            pending.append(piece)
-            owner.append(i)
-            if len(pending) == batch:
-                flush()
-    flush()
-    return torch.cat(out), np.asarray(owner, np.int64)
+    feats, owner, _ = tiled_features(lambda frames: grid(prepared_batch(frames, size)), paths, tiling, batch, progress=what)
+    return feats, owner
 
 
 @torch.no_grad()

@@ -15,8 +15,8 @@ from .train import load_uniad_run
 __all__ = ["uniad_predictor"]
 
 
-def uniad_predictor(run_dir: str | Path, product: str | None, data_name: str = "") -> tuple[str, Callable[[list[np.ndarray]], tuple[list[np.ndarray], np.ndarray]], float, str, list[float]]:
+def uniad_predictor(run_dir: str | Path, product: str | None, data: str | Path = "") -> tuple[str, Callable[[list[np.ndarray]], tuple[list[np.ndarray], np.ndarray]], float, str, list[float]]:
     """(product, predict(frames) -> (normalised maps, scores), threshold, method, validation scores); see ``feature_distance_predictor``."""
     run = load_uniad_run(run_dir)
     cfg = run.config
-    return feature_distance_predictor(UniADGraph(run.extractor, run.model, cfg.image_size, cfg.pool), cfg.image_size, run.calibration, product, data_name)
+    return feature_distance_predictor(UniADGraph(run.extractor, run.model, cfg.image_size, cfg.pool), cfg.image_size, run.calibration, product, data)

@@ -16,6 +16,7 @@ from build_engines.backbones import StageGrid, load_backbone
 from build_engines.onnx_ops import unsupported_ops
 from build_engines.patchcore.model import PatchCoreGraph
 from build_engines.patchcore.train import PatchCoreConfig, load_patchcore_run
+from build_engines.probe import prepared_batch
 from build_engines.synthetic import generate
 from edgead import Detector
 from edgead.datasets import image_color, open_dataset, read_image, split_train_val
@@ -88,19 +89,13 @@ def test_a_training_image_lies_in_a_full_bank(data: Path, tmp_path: Path) -> Non
 
     _, predict, *_ = patchcore_predictor(run.run_dir, "screws")
     with torch.no_grad():
-        raw_map, _ = run.graph(torch.from_numpy(_prepared(read_image(tr[0]), 128)))
-        other, _ = run.graph(torch.from_numpy(_prepared(read_image(open_dataset(data).test[0].path), 128)))
+        raw_map, _ = run.graph(prepared_batch([read_image(tr[0])], 128))
+        other, _ = run.graph(prepared_batch([read_image(open_dataset(data).test[0].path)], 128))
     # its own features are in the bank: 0 up to the rounding of |f|^2 - 2 f.b + |b|^2 in fp32 (~256 per term), far
     # below the distances of an image the bank has not seen
     assert float(raw_map.max()) < 0.05 < 20 * 0.05 < float(other.mean())
     maps, scores = predict([read_image(tr[0])])
     assert maps[0].shape == (8, 8) and np.isfinite(scores).all()
-
-
-def _prepared(image: np.ndarray, size: int) -> np.ndarray:
-    from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
-
-    return prepare(image, size, IMAGENET_MEAN, IMAGENET_STD, image_color(image))[None]
 
 
 def test_the_bank_keeps_the_coreset_fraction_up_to_max_bank(data: Path, tmp_path: Path) -> None:
