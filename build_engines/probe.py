@@ -152,8 +152,8 @@ def greedy_coreset(features: torch.Tensor, n: int, *, seed: int = 0, projection_
     and the cost grows linearly instead of quadratically with the bank).
 
     >>> x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [0.0, 0.2]])
-    >>> sorted(greedy_coreset(x, 2, projection_dim=2).tolist())
-    [2, 3]
+    >>> 2 in greedy_coreset(x, 2, projection_dim=2).tolist()  # the outlier is kept, whichever row starts
+    True
     """
     total, dim = features.shape
     if not 1 <= n <= total:
