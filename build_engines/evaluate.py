@@ -191,6 +191,7 @@ def evaluate_run(
         result["threshold_rules"] = compare_threshold_rules(run.validation_scores, labels, scores)
     per_defect: dict[str, Any] = {}
     good_idx = np.flatnonzero(labels == 0)
+    defect_pixels = float(sum(int(m.sum()) for m in masks)) if use_pixels else 0.0
     for defect in sorted({s.defect for s in samples if s.label == 1}):
         idx = np.concatenate([good_idx, np.array([i for i, s in enumerate(samples) if s.defect == defect], np.int64)])
         sub_masks = [masks[i] for i in idx] if use_pixels else None
@@ -198,7 +199,10 @@ def evaluate_run(
         g = _group_metrics(labels[idx], scores[idx], sub_masks, sub_maps, threshold)
         g["n"] = g["n_defect"]
         g["mean_score"] = float(scores[idx][labels[idx] == 1].mean())
-        per_defect[defect] = {k: g[k] for k in ("n", "image_auroc", "pixel_auroc", "aupro", "detection_rate", "mean_score")}
+        # this type's share of all defective pixels: the overall pixel AUROC is pooled over pixels, so a type with
+        # large masks weighs more there than its image count says
+        g["pixel_share"] = sum(int(masks[i].sum()) for i in idx if labels[i] == 1) / defect_pixels if defect_pixels else None
+        per_defect[defect] = {k: g[k] for k in ("n", "image_auroc", "pixel_auroc", "aupro", "pixel_share", "detection_rate", "mean_score")}
     if good_idx.size:
         per_defect["good"] = {"n": int(good_idx.size), "false_positive_rate": overall["false_positive_rate"], "mean_score": float(scores[good_idx].mean())}
     result["per_defect"] = per_defect
@@ -297,12 +301,13 @@ def _fmt(v: object) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """Plain-text per-defect table of an :func:`evaluate_run` result."""
-    head = f"{'defect':<16}{'n':>5}{'img AUROC':>11}{'pix AUROC':>11}{'AU-PRO':>9}{'flagged':>9}{'mean score':>12}"
+    head = f"{'defect':<16}{'n':>5}{'img AUROC':>11}{'pix AUROC':>11}{'AU-PRO':>9}{'pix share':>11}{'flagged':>9}{'mean score':>12}"
     lines = [head, "-" * len(head)]
     for name, g in result["per_defect"].items():
         flagged = g.get("detection_rate", g.get("false_positive_rate"))
         lines.append(
-            f"{name:<16}{g['n']:>5}{_fmt(g.get('image_auroc')):>11}{_fmt(g.get('pixel_auroc')):>11}{_fmt(g.get('aupro')):>9}{_fmt(flagged):>9}{_fmt(g['mean_score']):>12}"
+            f"{name:<16}{g['n']:>5}{_fmt(g.get('image_auroc')):>11}{_fmt(g.get('pixel_auroc')):>11}{_fmt(g.get('aupro')):>9}{_fmt(g.get('pixel_share')):>11}"
+            f"{_fmt(flagged):>9}{_fmt(g['mean_score']):>12}"
         )
     lines.append("-" * len(head))
     c = result["counts"]

@@ -30,14 +30,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgead.datasets import image_color, open_dataset, read_image, split_train_val
+from edgead.datasets import open_dataset, read_image, split_train_val
 from edgead.errors import ConfigError, DataError, message
-from edgead.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 
 from ..backbones import BACKBONES, StageGrid, load_backbone, parse_stages
 from ..calibrate import DEFAULT_THRESHOLD, parse_threshold_method
 from ..devices import resolve_device
 from ..feature_distance import calibrate_product
+from ..probe import prepared_batch
 from .model import UniAD, anomaly_map, image_score
 
 __all__ = ["UniADConfig", "FeatureExtractor", "train", "load_uniad_run", "calibrate_products", "main"]
@@ -119,10 +119,6 @@ class FeatureExtractor(torch.nn.Module):
         return self.grid(x)
 
 
-def _prepared(paths: list[Path], size: int) -> np.ndarray:
-    return np.stack([prepare(img, size, IMAGENET_MEAN, IMAGENET_STD, image_color(img)) for img in (read_image(p) for p in paths)])
-
-
 def _cached_features(extractor: FeatureExtractor, paths: list[Path], size: int, file: Path, batch: int = 16) -> np.ndarray:
     """Features of ``paths`` (float16 .npy in the run's cache, reused when present and matching)."""
     meta = file.with_suffix(".json")
@@ -131,7 +127,7 @@ def _cached_features(extractor: FeatureExtractor, paths: list[Path], size: int, 
         return np.load(file)
     feats = []
     for i in range(0, len(paths), batch):
-        feats.append(extractor(torch.from_numpy(_prepared(paths[i : i + batch], size))).half().numpy())
+        feats.append(extractor(prepared_batch([read_image(p) for p in paths[i : i + batch]], size)).half().numpy())
     out = np.concatenate(feats)
     file.parent.mkdir(parents=True, exist_ok=True)
     np.save(file, out)

@@ -85,6 +85,10 @@ def test_eval_result_keys_ranges_and_reference(run_dir: Path, data: Path, tmp_pa
     assert result["accuracy"] == pytest.approx(float((pred == (labels == 1)).mean()))
     crack = [i for i, s in enumerate(samples) if s.defect in ("good", "crack")]
     assert result["per_defect"]["crack"]["image_auroc"] == pytest.approx(roc_auc_score(labels[crack], ref_scores[crack]))
+    # each type's share of the defective pixels, from the masks themselves
+    area = {s.defect: int(m.sum()) for s, m in zip(samples, masks, strict=True) if s.label == 1}
+    for d in DEFECT_TYPES:
+        assert result["per_defect"][d]["pixel_share"] == pytest.approx(area[d] / sum(area.values()))
 
     files = [Path(p) for p in result["overlays"]]
     assert len(files) == 2 + 2 + 1 and all(p.is_file() for p in files)
