@@ -86,7 +86,10 @@ def test_eval_result_keys_ranges_and_reference(run_dir: Path, data: Path, tmp_pa
     crack = [i for i, s in enumerate(samples) if s.defect in ("good", "crack")]
     assert result["per_defect"]["crack"]["image_auroc"] == pytest.approx(roc_auc_score(labels[crack], ref_scores[crack]))
     # each type's share of the defective pixels, from the masks themselves
-    area = {s.defect: int(m.sum()) for s, m in zip(samples, masks, strict=True) if s.label == 1}
+    area = dict.fromkeys(DEFECT_TYPES, 0)
+    for s, m in zip(samples, masks, strict=True):
+        if s.label == 1:
+            area[s.defect] += int(m.sum())
     for d in DEFECT_TYPES:
         assert result["per_defect"][d]["pixel_share"] == pytest.approx(area[d] / sum(area.values()))
 
