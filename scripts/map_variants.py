@@ -31,35 +31,28 @@ import numpy as np
 import torch
 
 from build_engines.backbones import StageGrid, load_backbone, parse_stages
+from build_engines.patchcore.train import PatchCoreConfig, bank_size, feature_statistics
 from build_engines.probe import greedy_coreset, nearest_distance, prepared_batch, tiled_features
 from edgead.datasets import open_dataset, read_image, read_mask, split_train_val
 from edgead.metrics import aupro, image_auroc, pixel_auroc
-
-MAX_BANK = 20000  # edgead train --family patchcore's --max-bank default
 
 
 def _rows(f: torch.Tensor) -> torch.Tensor:
     return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
 
 
-def _stats(tr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of the training features, the std floored as ``edgead train --family patchcore``."""
-    rows = _rows(tr)
-    std = rows.std(0)
-    return rows.mean(0), std.clamp_min(0.01 * float(std.median()) + 1e-12)
-
-
 def _bank_map(tr: torch.Tensor, te: torch.Tensor, coreset: float | None) -> np.ndarray:
     """Nearest-bank-feature distance map (N, h, w) of ``te`` against the rows of ``tr`` (standardised here)."""
-    mean, std = _stats(tr)
-    rows = (_rows(tr) - mean) / std
+    rows = _rows(tr)
+    mean, std = feature_statistics(rows)
+    rows = (rows - mean) / std
     if coreset is not None:
-        rows = rows[greedy_coreset(rows, min(MAX_BANK, max(1, round(coreset * len(rows)))), seed=0)]
+        rows = rows[greedy_coreset(rows, bank_size(len(rows), coreset, PatchCoreConfig.max_bank), seed=PatchCoreConfig.seed)]
     return nearest_distance((_rows(te) - mean) / std, rows).reshape(te.shape[0], te.shape[2], te.shape[3]).numpy()
 
 
 def _standardised(tr: torch.Tensor, te: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, std = (v[:, None, None] for v in _stats(tr))
+    mean, std = (v[:, None, None] for v in feature_statistics(_rows(tr)))
     return (tr - mean) / std, (te - mean) / std
 
 
@@ -103,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     ds = open_dataset(a.data)
-    train, _ = split_train_val(ds.train_good, 0.1, 0)  # the run's split: the same held-out goods stay out
+    train, _ = split_train_val(ds.train_good, PatchCoreConfig.val_fraction, PatchCoreConfig.seed)  # the run's split: the same goods stay out
     grid = StageGrid(load_backbone("efficientnet-lite0"), parse_stages("2,3,4,5"), 16).eval()
     with torch.no_grad():
         def features(paths: list[Path], what: str) -> torch.Tensor:
@@ -127,14 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         sub_masks = [masks[i] for i in idx]
         return {"image_auroc": image_auroc(labels[idx], s[idx]), "pixel_auroc": pixel_auroc(sub_masks, maps), "aupro": float(aupro(sub_masks, maps)), "pixel_auroc_per_defect": per}
 
-    base = _bank_map(tr, te, 0.1)
+    base = _bank_map(tr, te, PatchCoreConfig.coreset)
     variants: dict[str, Callable[[], dict[str, Any]]] = {"coreset 10 % (shipped)": lambda: score(base)}
     types = sorted(set(defects) - {"good"})
     for d in types if len(types) > 1 else []:
         variants[f"coreset 10 %, without {d}"] = lambda d=d: score(base, keep=defects != d)
     for k in (3, 5, 7):
         variants[f"blur {k}"] = lambda k=k: score(np.stack([cv2.blur(m, (k, k), borderType=cv2.BORDER_REPLICATE) for m in base]), base.reshape(len(base), -1).max(1))
-    variants["centred"] = lambda: score(_bank_map(_centred(tr), _centred(te), 0.1))
+    variants["centred"] = lambda: score(_bank_map(_centred(tr), _centred(te), PatchCoreConfig.coreset))
     variants["full bank"] = lambda: score(_bank_map(tr, te, None))
     variants["position"] = lambda: score(_position_map(tr, te))
     variants["spade"] = lambda: score(_spade_map(tr, te))

@@ -40,7 +40,7 @@ from ..feature_distance import CHUNK, calibrate_product
 from ..probe import greedy_coreset, prepared_batch, tiled_features
 from .model import LocalGrid, PatchCoreGraph, check_aggregate
 
-__all__ = ["PatchCoreConfig", "PatchCoreRun", "train", "load_patchcore_run", "main"]
+__all__ = ["PatchCoreConfig", "PatchCoreRun", "feature_statistics", "bank_size", "train", "load_patchcore_run", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,18 @@ def _grid_features(grid: LocalGrid, paths: list[Path], size: int, batch: int, ti
     return feats, owner
 
 
+def feature_statistics(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the training goods' feature rows (M, C). A channel (nearly) constant over the goods
+    must not turn its smallest deviation into a huge distance: its std is floored at 1 % of the median channel's."""
+    std = rows.std(0)
+    return rows.mean(0), std.clamp_min(0.01 * float(std.median()) + 1e-12)
+
+
+def bank_size(n_features: int, coreset: float, max_bank: int) -> int:
+    """Bank features kept of ``n_features``: the coreset fraction, at least 1, at most ``max_bank``."""
+    return min(max_bank, max(1, int(round(coreset * n_features))))
+
+
 @torch.no_grad()
 def _raw_outputs(graph: PatchCoreGraph, features: torch.Tensor, batch: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Raw maps (N, h, w) and scores (N,) of standardised features."""
@@ -136,13 +148,10 @@ def train(cfg: PatchCoreConfig) -> Path:
     del feats
     if not bool(torch.isfinite(rows).all()):
         raise DataError(message("training features", "NaN or infinite values", "finite features", "check the training images (corrupt files?)"))
-    mean, std = rows.mean(0), rows.std(0)
-    # a channel (nearly) constant over the goods must not turn its smallest deviation into a huge distance: its std is
-    # floored at 1 % of the median channel's
-    std = std.clamp_min(0.01 * float(std.median()) + 1e-12)
+    mean, std = feature_statistics(rows)
     rows.sub_(mean).div_(std)
     t_features = time.perf_counter() - t0
-    n_bank = min(cfg.max_bank, max(1, int(round(cfg.coreset * rows.shape[0]))))
+    n_bank = bank_size(rows.shape[0], cfg.coreset, cfg.max_bank)
     t1 = time.perf_counter()
     bank = rows[greedy_coreset(rows, n_bank, seed=cfg.seed)] if n_bank < rows.shape[0] else rows
     t_coreset = time.perf_counter() - t1
