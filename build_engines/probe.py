@@ -276,7 +276,8 @@ def extract(
     masks = [read_mask(s, shape) for s, shape in zip(samples, shapes, strict=True)] if pixel and dataset.has_masks else None
     view = (1, c, 1, 1)
     labels = np.array([s.label for s in samples])
-    return ProbeFeatures(extractor, (bank - mean) / std, (test - mean.view(view)) / std.view(view), owner, labels, masks, time.perf_counter() - t0, tiling)
+    test.sub_(mean.view(view)).div_(std.view(view))  # in place: full-resolution tiles make this the largest tensor
+    return ProbeFeatures(extractor, (bank - mean) / std, test, owner, labels, masks, time.perf_counter() - t0, tiling)
 
 
 def score(features: ProbeFeatures, *, coreset: float = 0.1, seed: int = 0) -> dict[str, Any]:
@@ -288,7 +289,8 @@ def score(features: ProbeFeatures, *, coreset: float = 0.1, seed: int = 0) -> di
     if coreset < 1.0:
         bank = bank[greedy_coreset(bank, max(1, int(round(coreset * bank.shape[0]))), seed=seed)]
     t, c, h, w = features.test.shape
-    dist = nearest_distance(features.test.permute(0, 2, 3, 1).reshape(-1, c), bank).reshape(t, h, w)
+    per = max(1, 65536 // (h * w))  # maps (tiles) per call: a channels-last copy of a few, not of the whole test set
+    dist = torch.cat([nearest_distance(features.test[i : i + per].permute(0, 2, 3, 1).reshape(-1, c), bank) for i in range(0, t, per)]).reshape(t, h, w)
     n = len(features.labels)
     scores = np.full(n, -np.inf)
     np.maximum.at(scores, features.owner, dist.reshape(t, -1).max(1).values.numpy().astype(np.float64))
