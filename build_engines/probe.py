@@ -316,6 +316,8 @@ def score(features: ProbeFeatures, *, coreset: float = 0.1, seed: int = 0) -> di
         "test_images": int(n),
         "tiling": features.tiling.to_dict() if features.tiling is not None else None,
         "image_auroc": image_auroc(features.labels, scores),
+        "labels": features.labels.astype(int).tolist(),  # per test image, with its score: paired comparisons of extractors
+        "image_scores": [round(float(v), 6) for v in scores],
         "pixel_auroc": pixel,
         "seconds": {"features": round(features.seconds, 1), "score": round(time.perf_counter() - t0, 1)},
     }

@@ -179,3 +179,25 @@ def test_tiled_probe_finds_a_small_defect_the_squeezed_image_loses(tmp_path: Pat
     tiled = probe_dataset(parse_extractor("random", 128), ds, coreset=0.25, tiling=Tiling(128, 0), pixel=True)
     assert tiled["image_auroc"] >= 0.95 and tiled["image_auroc"] > squeezed["image_auroc"] + 0.1
     assert tiled["tiling"] == {"tile": 128, "overlap": 0} and tiled["pixel_auroc"] > 0.9
+
+
+def test_scoring_many_maps_in_pieces_gives_the_brute_force_image_scores() -> None:
+    """score() runs the nearest-neighbour search a few maps at a time (memory); with more maps than one piece
+    holds, the image scores (max over each image's maps) must still be those of the whole tensor at once."""
+    from build_engines.probe import Extractor, ProbeFeatures, score
+    from edgead.metrics import image_auroc
+
+    g = torch.Generator().manual_seed(0)
+    t, c, h, w = 12, 8, 100, 100  # 65536 // (h * w) = 6 maps per piece: two pieces
+    test = torch.randn(t, c, h, w, generator=g)
+    test[7] += 0.5  # one image's maps further from the bank
+    bank = torch.randn(500, c, generator=g)
+    owner = np.repeat(np.arange(6), 2)  # two maps (tiles) per image
+    labels = np.array([0, 0, 1, 0, 1, 1])
+    features = ProbeFeatures(Extractor("synthetic", 64, lambda frames: test, pad=0), bank, test, owner, labels, None, 0.0)
+    full = torch.cdist(test.permute(0, 2, 3, 1).reshape(-1, c), bank).min(1).values.reshape(t, -1).max(1).values.numpy()
+    expected = np.full(6, -np.inf)
+    np.maximum.at(expected, owner, full.astype(np.float64))
+    result = score(features, coreset=1.0)
+    assert result["image_scores"] == pytest.approx(expected, abs=1e-5)
+    assert result["image_auroc"] == pytest.approx(image_auroc(labels, expected))
